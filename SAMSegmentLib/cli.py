@@ -1,0 +1,415 @@
+"""``samsegment``: segment medical volumes with Segment-Anything models from the command line.
+
+Coordinates: with ``--coords voxel`` (default) a slice is chosen with ``--axis`` and ``--slice``
+and points/boxes are the two in-plane voxel indices in ITK order (for an axial K slice: I then
+J, i.e. column then row as in any image viewer showing the array). With ``--coords lps``,
+points are physical millimetres in LPS, the convention of ITK/SimpleITK and DICOM (Slicer shows
+RAS: negate the first two numbers); the slice is the one the points lie on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import PromptError, SAMSegmentError
+
+log = logging.getLogger("samsegment")
+
+AXES = {"0": 0, "1": 1, "2": 2, "k": 0, "j": 1, "i": 2}
+
+EPILOG = """examples:
+  samsegment demo --out demo_out
+  samsegment segment ct.nii.gz --slice 22 --box 20 30 60 70 --out spleen_slice.nii.gz
+  samsegment propagate ct.nii.gz --slice 22 --box 20 30 60 70 --out spleen.nii.gz --png spleen.png
+  samsegment propagate ct.nii.gz --coords lps --box -120 -30 210 -60 10 210 --out spleen.nii.gz
+  samsegment embed ct.nii.gz --cache-dir ct_cache
+  samsegment models
+"""
+
+
+# ------------------------------------------------------------------------------------------ parser
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None, help="model id (see 'samsegment models'); default: litemedsam, bundled")
+    g.add_argument("--checkpoint", default=None, help="weights file for models that are not bundled (SAM, MedSAM)")
+    g.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps")
+    g.add_argument("--cache-mib", type=float, default=1024, help="memory budget for slice embeddings (MiB, default 1024)")
+    g.add_argument("--cache-dir", default=None, help="folder of precomputed embeddings (see 'samsegment embed')")
+    g = p.add_argument_group("intensity")
+    g.add_argument("--window", default="auto",
+                   help="auto, a CT preset (abdomen, soft_tissue, liver, lung, bone, brain, mediastinum) or LOW,HIGH")
+    g.add_argument("--modality", default="auto", choices=["auto", "ct", "mr", "other"],
+                   help="how 'auto' picks the window: CT preset for CT, 0.5-99.5 percentiles otherwise")
+
+
+def _prompt_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("prompts")
+    g.add_argument("--coords", choices=["voxel", "lps"], default="voxel",
+                   help="voxel: in-plane voxel indices in ITK order on --slice; lps: physical mm (x y z) in LPS")
+    g.add_argument("--axis", default="k", help="slice axis: k (axial for most scans), j or i; or 0, 1, 2")
+    g.add_argument("--slice", type=int, default=None, help="slice index along --axis (voxel coords)")
+    g.add_argument("--box", type=float, nargs="+", metavar="N",
+                   help="box: voxel x0 y0 x1 y1, or lps two corners x y z x y z")
+    g.add_argument("--point", type=float, nargs="+", action="append", default=[], metavar="N",
+                   help="include point (x y, or x y z with --coords lps); repeat for more")
+    g.add_argument("--exclude", type=float, nargs="+", action="append", default=[], metavar="N",
+                   help="exclude point; repeat for more")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", required=True, help="mask file to write (.nii.gz, .nrrd, .mha); keeps the image geometry")
+    g.add_argument("--png", default=None, help="also write a PNG overlay (montage for propagate)")
+    g.add_argument("--overwrite", action="store_true", help="replace --out if it exists (inputs are never overwritten)")
+    g.add_argument("--fill-holes", action="store_true", help="fill holes in each slice's mask")
+    g.add_argument("--largest-component", action="store_true", help="keep only the largest connected region")
+
+
+def _prop_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("propagation")
+    g.add_argument("--direction", choices=["both", "up", "down"], default="both",
+                   help="up = increasing slice index, down = decreasing")
+    g.add_argument("--max-slices", type=int, default=None, help="at most this many slices each way")
+    g.add_argument("--range", type=int, nargs=2, default=None, metavar=("FIRST", "LAST"),
+                   help="only write slices FIRST..LAST (inclusive)")
+    g.add_argument("--min-iou", type=float, default=None, help="stop when the overlap with the previous slice drops below")
+    g.add_argument("--min-area", type=int, default=None, help="stop when the mask has fewer pixels than this")
+    g.add_argument("--min-score", type=float, default=None, help="stop when the model's quality score drops below")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="samsegment", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Segment 3D medical images (CT, MR; NIfTI, NRRD, MHA or a DICOM folder) with Segment-Anything "
+                    "models: prompt one slice with a box or points, then propagate through the neighbouring slices.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print more detail")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("segment", help="segment one slice from a box and/or points",
+                       description="Segment one slice and write a 3D mask with only that slice set.")
+    p.add_argument("image", help="image file or DICOM folder")
+    _prompt_args(p)
+    _common(p)
+
+    p = sub.add_parser("propagate", help="segment one slice, then propagate through adjacent slices",
+                       description="Segment a slice from prompts (or take an existing mask's slices as accepted "
+                                   "anchors with --anchor-mask) and propagate slice by slice.")
+    p.add_argument("image", help="image file or DICOM folder")
+    p.add_argument("--anchor-mask", default=None,
+                   help="mask file whose non-empty slices along --axis are accepted anchors (instead of prompts)")
+    _prompt_args(p)
+    _prop_args(p)
+    _common(p)
+
+    p = sub.add_parser("embed", help="precompute a volume's slice embeddings into a cache folder",
+                       description="Encode every slice along --axis once and save the embeddings, so later "
+                                   "segment/propagate runs with --cache-dir answer in milliseconds per prompt.")
+    p.add_argument("image")
+    p.add_argument("--axis", default="k")
+    p.add_argument("--overwrite", action="store_true", help="rebuild a cache folder that belongs to another image")
+    _common(p)
+
+    p = sub.add_parser("demo", help="segment a structure of the bundled sample CT and report Dice",
+                       description="One box on the structure's largest slice (taken from the reference label), "
+                                   "propagation both ways, mask + PNG montage written to --out, Dice printed.")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--structure", default="spleen", help="spleen (default), liver, kidney_left, ... (see labels)")
+    p.add_argument("--overwrite", action="store_true")
+    _common(p)
+
+    sub.add_parser("models", help="list the models, where their weights come from, and the devices",
+                   description="List the known models and whether their weights are available.")
+    return parser
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _axis(text: str) -> int:
+    key = str(text).lower()
+    if key not in AXES:
+        raise PromptError(f"Unknown axis {text!r}", "use k, j or i (or 0, 1, 2)")
+    return AXES[key]
+
+
+def _window(text: str) -> Any:
+    if text in (None, "", "auto"):
+        return None
+    if "," in text:
+        try:
+            low, high = (float(v) for v in text.split(","))
+        except ValueError as exc:
+            raise SAMSegmentError(f"Cannot read window {text!r}", "write it as LOW,HIGH, e.g. -160,240") from exc
+        return (low, high)
+    return text
+
+
+def _session(args: argparse.Namespace):
+    from .session import SegmentationSession
+
+    return SegmentationSession(model=args.model, checkpoint=args.checkpoint, device=args.device,
+                               cache_bytes=int(args.cache_mib * 2**20), cache_dir=args.cache_dir,
+                               fill_holes=getattr(args, "fill_holes", False),
+                               largest_component=getattr(args, "largest_component", False))
+
+
+def _progress(desc: str, total: int):
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="slice", file=sys.stderr, leave=False, disable=None)
+
+    def update(done: int, total_: int, message: str) -> None:
+        bar.total = max(total_, done)
+        bar.n = done
+        bar.set_postfix_str(message, refresh=False)
+        bar.refresh()
+
+    return bar, update
+
+
+def _slice_prompts(args: argparse.Namespace, geometry: Any, shape: tuple[int, ...]):
+    """(SliceRef, Prompts) from the command line, in slice pixel coordinates."""
+    from .prompts import Prompts
+    from .volume import SliceRef
+
+    axis = _axis(args.axis)
+    in_plane = [a for a in (0, 1, 2) if a != axis]  # array axes; columns = in_plane[1], rows = in_plane[0]
+    if args.coords == "voxel":
+        for pt in args.point + args.exclude:
+            if len(pt) != 2:
+                raise PromptError(f"A voxel point needs 2 numbers (x y), got {pt}", "write --point X Y")
+        if args.box is not None and len(args.box) != 4:
+            raise PromptError(f"A voxel box needs 4 numbers (x0 y0 x1 y1), got {args.box}", "write --box X0 Y0 X1 Y1")
+        if args.slice is None:
+            raise PromptError("--slice is required with voxel coordinates", "give the slice index along --axis")
+        ref = SliceRef(axis, args.slice)
+        box = None if args.box is None else [min(args.box[0], args.box[2]), min(args.box[1], args.box[3]),
+                                             max(args.box[0], args.box[2]), max(args.box[1], args.box[3])]
+        return ref, Prompts.from_lists([tuple(p) for p in args.point], [tuple(p) for p in args.exclude], box)
+    # physical LPS: convert to array (K, J, I) continuous indices, then to slice pixels
+    groups = [("include", p) for p in args.point] + [("exclude", p) for p in args.exclude]
+    for _, pt in groups:
+        if len(pt) != 3:
+            raise PromptError(f"An LPS point needs 3 numbers (x y z in mm), got {pt}", "write --point X Y Z")
+    if args.box is not None and len(args.box) != 6:
+        raise PromptError(f"An LPS box needs two corners (6 numbers), got {args.box}", "write --box X0 Y0 Z0 X1 Y1 Z1")
+    physical = [pt for _, pt in groups] + ([args.box[:3], args.box[3:]] if args.box is not None else [])
+    kji = np.array([geometry.physical_to_array_index(p) for p in physical])
+    slice_pos = kji[:, axis]
+    index = int(np.rint(np.median(slice_pos))) if args.slice is None else args.slice
+    if np.abs(slice_pos - index).max() > 0.5 + 1e-6:
+        raise PromptError(f"The LPS prompts lie on different slices along axis {axis} "
+                          f"(positions {np.round(slice_pos, 2).tolist()})",
+                          "give points on one slice, or choose another --axis")
+    if not 0 <= index < shape[axis]:
+        raise PromptError(f"The LPS prompts lie on slice {index}, outside the volume (0..{shape[axis] - 1})",
+                          "check the coordinates (LPS, mm) and the image")
+    xy = kji[:, [in_plane[1], in_plane[0]]]
+    n_pts = len(groups)
+    include = [tuple(xy[i]) for i, (kind, _) in enumerate(groups) if kind == "include"]
+    exclude = [tuple(xy[i]) for i, (kind, _) in enumerate(groups) if kind == "exclude"]
+    box = None
+    if args.box is not None:
+        c = xy[n_pts:]
+        box = [c[:, 0].min(), c[:, 1].min(), c[:, 0].max(), c[:, 1].max()]
+    return SliceRef(axis, index), Prompts.from_lists(include, exclude, box)
+
+
+def _write_outputs(args: argparse.Namespace, mask_kji: np.ndarray, geometry: Any, session: Any,
+                   axis: int, indices: list[int]) -> None:
+    from . import io as sio
+
+    sio.write_mask(args.out, mask_kji.astype(np.uint8), geometry, overwrite=args.overwrite,
+                   source_paths=[args.image] + ([args.anchor_mask] if getattr(args, "anchor_mask", None) else []))
+    print(f"Mask written: {args.out}")
+    if args.png:
+        write_png_montage(args.png, session, mask_kji, axis, indices, geometry, overwrite=args.overwrite)
+        print(f"Overlay written: {args.png}")
+
+
+def write_png_montage(path: str | Path, session: Any, mask_kji: np.ndarray, axis: int, indices: list[int],
+                      geometry: Any, overwrite: bool = False, max_tiles: int = 16) -> None:
+    from . import io as sio
+    from .volume import SliceRef, get_slice
+
+    if Path(path).exists() and not overwrite:
+        raise sio.ImageIOError(f"{path} exists", "pass --overwrite or choose another name")
+    if len(indices) > max_tiles:
+        picks = np.linspace(0, len(indices) - 1, max_tiles).round().astype(int)
+        indices = [indices[i] for i in sorted(set(picks.tolist()))]
+    spacing = geometry.array_spacing()  # (K, J, I) spacing
+    in_plane = [a for a in (0, 1, 2) if a != axis]
+    tiles = []
+    for index in indices:
+        ref = SliceRef(axis, index)
+        tiles.append(sio.overlay_tile(session.slice_image(ref), [(get_slice(mask_kji, ref) > 0, (255, 64, 64))],
+                                      pixel_spacing=(spacing[in_plane[0]], spacing[in_plane[1]]),
+                                      label=f"{'kji'[axis]}={index}"))
+    sio.save_montage_png(path, tiles, ncols=min(4, len(tiles)))
+
+
+# ------------------------------------------------------------------------------------------ commands
+def cmd_models(args: argparse.Namespace) -> int:
+    from .device import available_devices
+    from .model_registry import default_model_id, load_registry, resolve_weights
+
+    default = default_model_id()
+    for spec in load_registry().values():
+        if spec.needs_user_checkpoint:
+            where = f"your file ({spec.weights.get('filename')}), pass --checkpoint"
+        else:
+            try:
+                where = f"bundled: {resolve_weights(spec, verify=False)}"
+            except SAMSegmentError as exc:
+                where = f"MISSING: {exc}"
+        mark = " (default)" if spec.id == default else ""
+        print(f"{spec.id}{mark}\n  {spec.name}: {spec.description}\n  input {spec.image_size}px, weights: {where}\n"
+              f"  license {spec.license}; cite: {spec.citation}")
+    try:
+        print(f"devices: {', '.join(available_devices())} (auto picks the first)")
+    except ImportError:
+        print("devices: torch is not installed")
+    return 0
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from . import io as sio
+
+    volume, geometry = sio.read_volume(args.image)
+    with _session(args) as session:
+        session.set_volume(volume, window=_window(args.window), modality=args.modality)
+        ref, prompts = _slice_prompts(args, geometry, volume.shape)
+        t0 = time.perf_counter()
+        pred = session.predict(ref, prompts)
+        log.info("slice %s segmented in %.2f s", ref, time.perf_counter() - t0)
+        mask = np.zeros(volume.shape, dtype=np.uint8)
+        from .volume import set_slice
+
+        set_slice(mask, ref, pred.mask)
+        print(f"Slice {ref.index} (axis {'kji'[ref.axis]}): {pred.area} pixels, model score {pred.score:.3f}")
+        _write_outputs(args, mask, geometry, session, ref.axis, [ref.index])
+    return 0
+
+
+def _rules(args: argparse.Namespace):
+    from .propagation import StopRules
+
+    rules = StopRules(max_slices=args.max_slices, index_range=tuple(args.range) if args.range else None)
+    if args.min_iou is not None:
+        rules.min_iou = args.min_iou
+    if args.min_area is not None:
+        rules.min_area_px = args.min_area
+    if args.min_score is not None:
+        rules.min_score = args.min_score
+    return rules
+
+
+def cmd_propagate(args: argparse.Namespace) -> int:
+    from . import io as sio
+    from .propagation import propagate
+    from .worker import CancelToken
+
+    volume, geometry = sio.read_volume(args.image)
+    axis = _axis(args.axis)
+    with _session(args) as session:
+        session.set_volume(volume, window=_window(args.window), modality=args.modality)
+        if args.anchor_mask:
+            given, _ = sio.read_volume(args.anchor_mask)
+            if given.shape != volume.shape:
+                raise PromptError(f"--anchor-mask has shape {given.shape}, the image {volume.shape}",
+                                  "give a mask on the same voxel grid as the image")
+            moved = np.moveaxis(given > 0, axis, 0)
+            anchors = {int(i): moved[i] for i in range(moved.shape[0]) if moved[i].any()}
+        else:
+            ref, prompts = _slice_prompts(args, geometry, volume.shape)
+            axis = ref.axis
+            pred = session.predict(ref, prompts)
+            print(f"Slice {ref.index} (axis {'kji'[axis]}): {pred.area} pixels, model score {pred.score:.3f}")
+            anchors = {ref.index: pred.mask}
+        cancel = CancelToken()
+        bar, update = _progress("propagating", volume.shape[axis] - len(anchors))
+        t0 = time.perf_counter()
+        try:
+            result = propagate(session, axis, anchors, direction=args.direction, rules=_rules(args),
+                               progress=update, cancel=cancel)
+        except KeyboardInterrupt:
+            cancel.cancel()
+            raise
+        finally:
+            bar.close()
+        elapsed = time.perf_counter() - t0
+        for stop in result.stops:
+            way = "up" if stop.direction > 0 else "down"
+            print(f"  from slice {stop.anchor} {way}: stopped after slice {stop.last_index} ({stop.reason.value})")
+        print(f"Propagated to {len(result.masks)} slice(s) in {elapsed:.1f} s")
+        mask = result.to_volume(volume.shape, anchors)
+        indices = sorted(set(anchors) | set(result.masks))
+        _write_outputs(args, mask, geometry, session, axis, indices)
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from . import io as sio
+    from .volume import SliceRef
+
+    if not args.cache_dir:
+        raise SAMSegmentError("embed needs --cache-dir", "give a folder to store the embeddings in")
+    volume, _ = sio.read_volume(args.image)
+    axis = _axis(args.axis)
+    with _session(args) as session:
+        session.set_volume(volume, window=_window(args.window), modality=args.modality,
+                           overwrite_disk_cache=args.overwrite)
+        refs = [SliceRef(axis, i) for i in range(volume.shape[axis])]
+        bar, update = _progress("encoding", len(refs))
+        t0 = time.perf_counter()
+        try:
+            encoded = session.encode_slices(refs, progress=update)
+        finally:
+            bar.close()
+        print(f"{encoded} slice(s) encoded, {len(refs) - encoded} already cached or blank, "
+              f"in {time.perf_counter() - t0:.1f} s -> {args.cache_dir}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    summary = run_demo(args.out, structure=args.structure, model=args.model, checkpoint=args.checkpoint,
+                       device=args.device, overwrite=args.overwrite, window=_window(args.window),
+                       cache_bytes=int(args.cache_mib * 2**20))
+    log.info(json.dumps(summary, indent=1))
+    return 0
+
+
+COMMANDS = {"models": cmd_models, "segment": cmd_segment, "propagate": cmd_propagate, "embed": cmd_embed,
+            "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="timm")
+    try:
+        return COMMANDS[args.command](args)
+    except SAMSegmentError as exc:
+        print(f"error: {exc.problem}", file=sys.stderr)
+        if exc.remedy:
+            print(f"  what to do: {exc.remedy}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("error: out of memory\n  what to do: lower --cache-mib, close other programs, or crop the image",
+              file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""Intensity windowing for a whole volume, and the geometry of feeding a slice to a model.
+
+One window for the whole volume keeps neighbouring slices comparable: per-slice min-max
+rescaling (used by some peers) makes the same tissue look different on adjacent slices and
+hurts propagation. The windowed volume is uint8, which is what the models were trained on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import PromptError, VolumeError
+
+# Window level / width presets (Hounsfield units).
+CT_PRESETS: dict[str, tuple[float, float]] = {
+    "abdomen": (40.0, 400.0),
+    "soft_tissue": (50.0, 350.0),
+    "liver": (60.0, 160.0),
+    "mediastinum": (50.0, 350.0),
+    "lung": (-600.0, 1500.0),
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+}
+DEFAULT_CT_PRESET = "abdomen"
+MR_PERCENTILES = (0.5, 99.5)
+# Sampling cap for percentile estimates: exact enough (<0.1 % rank error) and fast on 400-slice volumes.
+_PERCENTILE_SAMPLE = 2_000_000
+
+
+@dataclass(frozen=True)
+class IntensityWindow:
+    """Linear map of ``[low, high]`` to ``[0, 255]`` with clipping."""
+
+    low: float
+    high: float
+    source: str = "explicit"
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.low) and math.isfinite(self.high)):
+            raise VolumeError(f"Intensity window [{self.low}, {self.high}] is not finite", "give finite bounds")
+        if self.high <= self.low:
+            raise VolumeError(f"Intensity window [{self.low}, {self.high}] is empty (high <= low)",
+                              "give a window whose upper bound is above its lower bound (width > 0)")
+
+    @classmethod
+    def from_level_width(cls, level: float, width: float, source: str = "explicit") -> "IntensityWindow":
+        return cls(level - width / 2.0, level + width / 2.0, source)
+
+    @property
+    def level(self) -> float:
+        return (self.low + self.high) / 2.0
+
+    @property
+    def width(self) -> float:
+        return self.high - self.low
+
+    def key(self) -> str:
+        return f"{self.low:.6g}:{self.high:.6g}"
+
+    def apply(self, array: np.ndarray) -> np.ndarray:
+        """Window ``array`` to uint8 (rounded), slice by slice to bound temporary memory."""
+        out = np.empty(array.shape, dtype=np.uint8)
+        scale = 255.0 / (self.high - self.low)
+        flat_in = array.reshape(array.shape[0], -1) if array.ndim > 1 else array.reshape(1, -1)
+        flat_out = out.reshape(flat_in.shape)
+        for row in range(flat_in.shape[0]):
+            values = (flat_in[row].astype(np.float32) - np.float32(self.low)) * np.float32(scale)
+            np.clip(values, 0.0, 255.0, out=values)
+            flat_out[row] = np.rint(values).astype(np.uint8)
+        return out
+
+
+def looks_like_ct(volume: np.ndarray) -> bool:
+    """Heuristic: CT in HU has air near -1000 and rarely exceeds +4000 except metal."""
+    lo = float(np.min(volume))
+    hi = float(np.max(volume))
+    return lo <= -500.0 and hi <= 35000.0
+
+
+def _sample(volume: np.ndarray) -> np.ndarray:
+    flat = volume.reshape(-1)
+    if flat.size > _PERCENTILE_SAMPLE:
+        step = int(math.ceil(flat.size / _PERCENTILE_SAMPLE))
+        flat = flat[::step]
+    return flat
+
+
+def robust_window(volume: np.ndarray, percentiles: tuple[float, float] = MR_PERCENTILES) -> IntensityWindow:
+    """Percentile window over non-background voxels (background = the volume's minimum)."""
+    flat = _sample(volume).astype(np.float64)
+    foreground = flat[flat > flat.min()]
+    values = foreground if foreground.size >= 100 else flat
+    low, high = np.percentile(values, percentiles)
+    if high <= low:
+        low, high = float(flat.min()), float(flat.max())
+    if high <= low:
+        raise VolumeError("The volume has a single intensity value everywhere; there is nothing to segment",
+                          "check that the right image was loaded")
+    return IntensityWindow(float(low), float(high), source=f"percentiles {percentiles[0]}-{percentiles[1]}")
+
+
+def auto_window(volume: np.ndarray, modality: str = "auto", preset: str | None = None) -> IntensityWindow:
+    """The default window: a CT preset for CT, robust percentiles otherwise."""
+    if preset is not None:
+        if preset not in CT_PRESETS:
+            raise VolumeError(f"Unknown window preset {preset!r}", f"choose one of {', '.join(CT_PRESETS)}")
+        level, width = CT_PRESETS[preset]
+        return IntensityWindow.from_level_width(level, width, source=f"CT preset {preset}")
+    modality = modality.lower()
+    if modality not in ("auto", "ct", "mr", "other"):
+        raise VolumeError(f"Unknown modality {modality!r}", "use auto, ct, mr or other")
+    if modality == "ct" or (modality == "auto" and looks_like_ct(volume)):
+        level, width = CT_PRESETS[DEFAULT_CT_PRESET]
+        return IntensityWindow.from_level_width(level, width, source=f"CT preset {DEFAULT_CT_PRESET}")
+    return robust_window(volume)
+
+
+@dataclass(frozen=True)
+class SliceGeometry:
+    """How a (H, W) slice maps into a model's square input, and back.
+
+    ``longest_side``: scale both axes by ``image_size / max(H, W)`` then pad bottom/right.
+    ``stretch``: scale each axis independently to ``image_size`` (MedSAM's recipe).
+    Coordinates follow SAM: a point (x, y) in slice pixels scales to (x * sx, y * sy).
+    """
+
+    height: int
+    width: int
+    image_size: int
+    resize: str
+
+    @property
+    def scaled_size(self) -> tuple[int, int]:
+        """(new_h, new_w) inside the model input before padding."""
+        if self.resize == "stretch":
+            return self.image_size, self.image_size
+        scale = self.image_size / max(self.height, self.width)
+        return int(self.height * scale + 0.5), int(self.width * scale + 0.5)
+
+    @property
+    def scale_xy(self) -> tuple[float, float]:
+        if self.resize == "stretch":
+            return self.image_size / self.width, self.image_size / self.height
+        scale = self.image_size / max(self.height, self.width)
+        return scale, scale
+
+    def points_to_model(self, points: np.ndarray) -> np.ndarray:
+        sx, sy = self.scale_xy
+        pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        return pts * np.array([sx, sy])
+
+    def box_to_model(self, box: np.ndarray, rounding: str = "none") -> np.ndarray:
+        sx, sy = self.scale_xy
+        scaled = np.asarray(box, dtype=np.float64).reshape(4) * np.array([sx, sy, sx, sy])
+        if rounding == "floor":
+            # The upstream LiteMedSAM recipe truncates with int(); boxes are non-negative here.
+            scaled = np.floor(scaled)
+        return scaled
+
+    def points_from_model(self, points: np.ndarray) -> np.ndarray:
+        sx, sy = self.scale_xy
+        return np.asarray(points, dtype=np.float64).reshape(-1, 2) / np.array([sx, sy])
+
+    def low_res_to_slice(self, logits, low_res_size: int):
+        """Map decoder logits (B, C, low, low) to slice logits (B, C, H, W) as SAM does.
+
+        Upscale to the model input, crop the padding, resize to the slice. When the low-res grid
+        already equals the input size (LiteMedSAM) the first step is the identity.
+        """
+        import torch.nn.functional as F
+
+        x = logits
+        if low_res_size != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        new_h, new_w = self.scaled_size
+        x = x[..., :new_h, :new_w]
+        return F.interpolate(x, size=(self.height, self.width), mode="bilinear", align_corners=False)
+
+    def mask_to_low_res(self, mask: np.ndarray, low_res_size: int, logit_value: float = 8.0):
+        """A binary slice mask as decoder mask-input logits (1, 1, low, low): the exact forward map."""
+        import torch
+        import torch.nn.functional as F
+
+        m = torch.as_tensor(np.asarray(mask, dtype=np.float32))[None, None]
+        new_h, new_w = self.scaled_size
+        m = F.interpolate(m, size=(new_h, new_w), mode="bilinear", align_corners=False)
+        m = F.pad(m, (0, self.image_size - new_w, 0, self.image_size - new_h))
+        if low_res_size != self.image_size:
+            m = F.interpolate(m, size=(low_res_size, low_res_size), mode="bilinear", align_corners=False)
+        return (m * 2.0 - 1.0) * logit_value
+
+
+def validate_prompt_geometry(height: int, width: int, points: np.ndarray | None, box: np.ndarray | None) -> None:
+    """Reject prompts outside the slice or degenerate boxes before they reach the model."""
+    if points is not None and len(points):
+        pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        if not np.isfinite(pts).all():
+            raise PromptError("A point prompt has a NaN or infinite coordinate", "place points inside the slice")
+        outside = (pts[:, 0] < -0.5) | (pts[:, 0] > width - 0.5) | (pts[:, 1] < -0.5) | (pts[:, 1] > height - 0.5)
+        if outside.any():
+            x, y = pts[np.argmax(outside)]
+            raise PromptError(f"Point ({x:.1f}, {y:.1f}) is outside the {width}x{height} slice "
+                              f"(x in [0, {width - 1}], y in [0, {height - 1}])",
+                              "place points on the image; check the slice axis and the (x=column, y=row) order")
+    if box is not None:
+        b = np.asarray(box, dtype=np.float64).reshape(-1)
+        if b.size != 4 or not np.isfinite(b).all():
+            raise PromptError(f"A box needs 4 finite numbers (x0, y0, x1, y1), got {box!r}", "draw the box again")
+        x0, y0, x1, y1 = b
+        if x1 < x0 or y1 < y0:
+            raise PromptError(f"Box ({x0:.1f}, {y0:.1f}, {x1:.1f}, {y1:.1f}) has its corners swapped",
+                              "give (x0, y0, x1, y1) with x0 <= x1 and y0 <= y1")
+        if x1 - x0 < 1.0 or y1 - y0 < 1.0:
+            raise PromptError(f"Box ({x0:.1f}, {y0:.1f}, {x1:.1f}, {y1:.1f}) has (near) zero area",
+                              "drag a box at least one pixel wide and tall, or click a point instead")
+        if x1 < -0.5 or y1 < -0.5 or x0 > width - 0.5 or y0 > height - 0.5:
+            raise PromptError(f"Box ({x0:.1f}, {y0:.1f}, {x1:.1f}, {y1:.1f}) lies entirely outside the "
+                              f"{width}x{height} slice", "draw the box on the image")
+
+
+def clip_box(box: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Clip a box that overlaps the slice to its bounds (a box dragged past the edge is still meant)."""
+    x0, y0, x1, y1 = np.asarray(box, dtype=np.float64).reshape(4)
+    return np.array([max(x0, 0.0), max(y0, 0.0), min(x1, width - 1.0), min(y1, height - 1.0)])

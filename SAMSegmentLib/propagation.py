@@ -1,0 +1,286 @@
+"""Propagate a mask from accepted (anchor) slices to their neighbours, slice by slice.
+
+Each next slice is prompted only from the previous slice's result. LiteMedSAM is very
+sensitive to how loose the box is, and no fixed padding is best for every organ, so the policy
+decodes a few candidate prompts per slice (decoder calls are ~40 ms against ~1 s for the
+encoder) and keeps the candidate that is most consistent with the previous slice.
+
+Slices the user accepted are anchors: never predicted, never overwritten. Between two anchors
+the gap is filled from both ends at once, so each slice is predicted from its nearer anchor.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from .errors import PromptError, SAMSegmentError, VolumeError
+from .prompts import Prompts
+from .volume import SliceRef, slice_shape
+from .worker import PRIORITY_PROPAGATION, CancelToken, ProgressCallback
+
+log = logging.getLogger(__name__)
+
+
+class StopReason(str, Enum):
+    EMPTY = "empty mask"
+    TOO_SMALL = "mask smaller than the minimum area"
+    LOW_IOU = "overlap with the previous slice below the threshold"
+    LOW_SCORE = "predicted quality below the threshold"
+    RANGE_LIMIT = "range limit reached"
+    VOLUME_EDGE = "edge of the volume"
+    ANCHOR = "reached an accepted slice"
+    MET = "met the propagation coming from the other end"
+    CONSTANT_SLICE = "slice has no contrast in the window"
+    CANCELLED = "cancelled"
+
+
+DIRECTIONS = {"both": (1, -1), "up": (1,), "down": (-1,), "+": (1,), "-": (-1,)}
+
+
+@dataclass
+class PromptPolicy:
+    """How the next slice is prompted from the previous mask, and how a candidate is chosen.
+
+    Candidates: the previous mask's bounding box enlarged by each of ``paddings`` (a padding is
+    ``max(pad_px, pad_fraction * box side)``), optionally with the previous low-res logits as
+    mask input. The kept candidate maximises Dice with the previous mask, which favours the
+    smooth continuation an organ has between 3 mm slices.
+    """
+
+    paddings: tuple[tuple[float, float], ...] = ((3.0, 0.0), (0.0, 0.10))
+    use_mask_input: bool = False
+
+    def candidates(self, prev_mask: np.ndarray, prev_low_res: Any) -> list[tuple[str, Prompts, Any]]:
+        ys, xs = np.nonzero(prev_mask)
+        h, w = prev_mask.shape
+        x0, x1, y0, y1 = xs.min(), xs.max(), ys.min(), ys.max()
+        out = []
+        for pad_px, pad_frac in self.paddings:
+            px = max(pad_px, pad_frac * (x1 - x0 + 1))
+            py = max(pad_px, pad_frac * (y1 - y0 + 1))
+            box = np.array([max(x0 - px, 0.0), max(y0 - py, 0.0), min(x1 + px, w - 1.0), min(y1 + py, h - 1.0)])
+            name = f"box+{pad_px:g}px/{pad_frac:.0%}"
+            out.append((name, Prompts(box=box), None))
+            if self.use_mask_input and prev_low_res is not None:
+                out.append((name + "+mask", Prompts(box=box), prev_low_res))
+        return out
+
+    @staticmethod
+    def choose(prev_mask: np.ndarray, predictions: list[tuple[str, Any]]) -> tuple[str, Any]:
+        best, best_score = predictions[0], -1.0
+        for name, pred in predictions:
+            d = dice(prev_mask, pred.mask)
+            if d > best_score:
+                best, best_score = (name, pred), d
+        return best
+
+
+@dataclass
+class StopRules:
+    """When a direction stops. Areas are in pixels of the slice."""
+
+    min_area_px: int = 4
+    min_area_fraction: float = 0.0  # of the previous slice's area; 0 disables
+    min_iou: float = 0.2
+    min_score: float = 0.0
+    max_slices: int | None = None  # per direction, from its anchor
+    index_range: tuple[int, int] | None = None  # inclusive bounds along the axis
+
+
+@dataclass
+class SliceOutcome:
+    index: int
+    from_index: int
+    direction: int
+    score: float
+    area: int
+    iou_previous: float
+    candidate: str
+
+
+@dataclass
+class RunStop:
+    """Where and why one propagation front stopped."""
+
+    anchor: int
+    direction: int
+    last_index: int  # last slice written by this front (== anchor when none)
+    reason: StopReason
+    at_index: int | None = None  # the slice whose result triggered the stop, if any
+
+
+@dataclass
+class PropagationResult:
+    axis: int
+    masks: dict[int, np.ndarray] = field(default_factory=dict)  # new slices only (anchors excluded)
+    outcomes: dict[int, SliceOutcome] = field(default_factory=dict)
+    stops: list[RunStop] = field(default_factory=list)
+    cancelled: bool = False
+
+    def to_volume(self, shape: tuple[int, int, int], anchors: Mapping[int, np.ndarray] | None = None) -> np.ndarray:
+        vol = np.zeros(shape, dtype=bool)
+        for source in (anchors or {}, self.masks):
+            for index, mask in source.items():
+                idx: list[Any] = [slice(None)] * 3
+                idx[self.axis] = index
+                vol[tuple(idx)] = mask
+        return vol
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    sa, sb = int(np.count_nonzero(a)), int(np.count_nonzero(b))
+    if sa + sb == 0:
+        return 1.0
+    return 2.0 * int(np.count_nonzero(a & b)) / (sa + sb)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = int(np.count_nonzero(a | b))
+    return 1.0 if union == 0 else int(np.count_nonzero(a & b)) / union
+
+
+@dataclass
+class _Front:
+    anchor: int
+    step: int
+    limit: int  # last index this front may write (inclusive)
+    limit_reason: StopReason
+    index: int
+    mask: np.ndarray
+    low_res: Any
+    stopped: RunStop | None = None
+
+
+def propagate(session: Any, axis: int, anchors: Mapping[int, np.ndarray], direction: str = "both",
+              rules: StopRules | None = None, policy: PromptPolicy | None = None,
+              on_slice: Callable[[SliceRef, np.ndarray, SliceOutcome], None] | None = None,
+              progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
+              anchor_logits: Mapping[int, Any] | None = None) -> PropagationResult:
+    """Propagate from ``anchors`` (slice index -> accepted 2D mask) along ``axis``.
+
+    ``direction`` is "both", "up" (increasing index) or "down" (decreasing index) for the
+    outer ends; gaps between anchors are always filled from both ends. ``on_slice`` is called
+    with each accepted slice as soon as it is decided (on the calling thread), so a GUI can
+    show progress; a cancelled run returns what was decided so far, all of it consistent.
+    """
+    rules = rules or StopRules()
+    policy = policy or PromptPolicy()
+    if direction not in DIRECTIONS:
+        raise SAMSegmentError(f"Unknown propagation direction {direction!r}", "use both, up or down")
+    shape = session.shape
+    n = shape[axis]
+    plane = slice_shape(shape, axis)
+    if not anchors:
+        raise PromptError("Propagation needs at least one accepted slice", "segment a slice and accept it first")
+    clean: dict[int, np.ndarray] = {}
+    for index, mask in anchors.items():
+        mask = np.asarray(mask, dtype=bool)
+        if not 0 <= index < n:
+            raise VolumeError(f"Anchor slice {index} is outside the volume (0..{n - 1})", "accept a slice inside the volume")
+        if mask.shape != plane:
+            raise PromptError(f"Anchor mask on slice {index} has shape {mask.shape}, expected {plane}",
+                              "give the mask of that slice")
+        if not mask.any():
+            raise PromptError(f"Anchor mask on slice {index} is empty", "segment the structure on that slice first")
+        clean[int(index)] = mask
+    order = sorted(clean)
+    lo, hi = 0, n - 1
+    if rules.index_range is not None:
+        lo, hi = max(lo, rules.index_range[0]), min(hi, rules.index_range[1])
+
+    def limit_for(anchor: int, step: int, natural: int) -> tuple[int, StopReason]:
+        bound, reason = natural, StopReason.VOLUME_EDGE
+        ranged = hi if step > 0 else lo
+        if (step > 0 and ranged < bound) or (step < 0 and ranged > bound):
+            bound, reason = ranged, StopReason.RANGE_LIMIT
+        if rules.max_slices is not None:
+            capped = anchor + step * rules.max_slices
+            if (step > 0 and capped < bound) or (step < 0 and capped > bound):
+                bound, reason = capped, StopReason.RANGE_LIMIT
+        return bound, reason
+
+    logits = anchor_logits or {}
+    fronts: list[_Front] = []
+
+    def add_front(anchor: int, step: int, natural: int) -> None:
+        limit, reason = limit_for(anchor, step, natural)
+        fronts.append(_Front(anchor, step, limit, reason, anchor, clean[anchor], logits.get(anchor)))
+
+    steps = DIRECTIONS[direction]
+    if 1 in steps:
+        add_front(order[-1], 1, n - 1)
+    if -1 in steps:
+        add_front(order[0], -1, 0)
+    for a, b in zip(order, order[1:]):
+        if b - a > 1:
+            add_front(a, 1, b - 1)
+            add_front(b, -1, a + 1)
+
+    result = PropagationResult(axis=axis)
+    claimed = set(order)
+    total = sum(max(0, (f.limit - f.anchor) * f.step) for f in fronts)
+    done = 0
+
+    def stop(front: _Front, reason: StopReason, at: int | None = None) -> None:
+        front.stopped = RunStop(front.anchor, front.step, front.index, reason, at)
+        result.stops.append(front.stopped)
+
+    while any(f.stopped is None for f in fronts):
+        for front in fronts:
+            if front.stopped is not None:
+                continue
+            if cancel is not None and cancel.cancelled:
+                for f in fronts:
+                    if f.stopped is None:
+                        stop(f, StopReason.CANCELLED)
+                result.cancelled = True
+                return result
+            nxt = front.index + front.step
+            if (nxt - front.limit) * front.step > 0:
+                stop(front, front.limit_reason)
+                continue
+            if nxt in claimed:
+                stop(front, StopReason.ANCHOR if nxt in clean else StopReason.MET)
+                continue
+            ref = SliceRef(axis, nxt)
+            if session.is_constant(ref):
+                stop(front, StopReason.CONSTANT_SLICE, nxt)
+                continue
+            name, pred = _predict_next(session, ref, front, policy)
+            area = pred.area
+            overlap = iou(front.mask, pred.mask)
+            reason = None
+            if area == 0:
+                reason = StopReason.EMPTY
+            elif area < rules.min_area_px or area < rules.min_area_fraction * np.count_nonzero(front.mask):
+                reason = StopReason.TOO_SMALL
+            elif overlap < rules.min_iou:
+                reason = StopReason.LOW_IOU
+            elif pred.score < rules.min_score:
+                reason = StopReason.LOW_SCORE
+            if reason is not None:
+                stop(front, reason, nxt)
+                continue
+            outcome = SliceOutcome(nxt, front.index, front.step, pred.score, area, overlap, name)
+            claimed.add(nxt)
+            result.masks[nxt] = pred.mask
+            result.outcomes[nxt] = outcome
+            front.index, front.mask, front.low_res = nxt, pred.mask, pred.low_res_logits
+            if on_slice is not None:
+                on_slice(ref, pred.mask, outcome)
+            done += 1
+            if progress is not None:
+                progress(done, total, f"slice {nxt}")
+    return result
+
+
+def _predict_next(session: Any, ref: SliceRef, front: _Front, policy: PromptPolicy) -> tuple[str, Any]:
+    preds = []
+    for name, prompts, mask_input in policy.candidates(front.mask, front.low_res):
+        preds.append((name, session.decode(ref, prompts, mask_input=mask_input, priority=PRIORITY_PROPAGATION)))
+    return policy.choose(front.mask, preds)
