@@ -35,6 +35,7 @@ class StopReason(str, Enum):
     VOLUME_EDGE = "edge of the volume"
     ANCHOR = "reached an accepted slice"
     MET = "met the propagation coming from the other end"
+    INTENSITY = "mask intensities no longer match the accepted slice"
     CONSTANT_SLICE = "slice has no contrast in the window"
     CANCELLED = "cancelled"
 
@@ -88,6 +89,11 @@ class StopRules:
     min_area_fraction: float = 0.0  # of the previous slice's area; 0 disables
     min_iou: float = 0.2
     min_score: float = 0.0
+    # Fraction of the new mask's pixels whose (windowed) intensity lies inside the anchor mask's
+    # 5th-95th percentile range. A box prompt always yields *some* mask, so past the end of an
+    # organ the model happily outlines a blob of neighbouring fat or bowel with high overlap and
+    # score; its intensities give it away. 0 disables.
+    min_intensity_agreement: float = 0.5
     max_slices: int | None = None  # per direction, from its anchor
     index_range: tuple[int, int] | None = None  # inclusive bounds along the axis
 
@@ -144,6 +150,16 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if union == 0 else int(np.count_nonzero(a & b)) / union
 
 
+def intensity_agreement(image: np.ndarray, mask: np.ndarray, value_range: tuple[float, float]) -> float:
+    """Fraction of ``mask`` pixels of ``image`` within ``value_range`` (inclusive, +-1 grey level)."""
+    values = image[mask]
+    if values.size == 0:
+        return 0.0
+    lo, hi = value_range
+    inside = (values >= lo - 1.0) & (values <= hi + 1.0)
+    return float(np.count_nonzero(inside)) / values.size
+
+
 @dataclass
 class _Front:
     anchor: int
@@ -153,6 +169,7 @@ class _Front:
     index: int
     mask: np.ndarray
     low_res: Any
+    intensity_range: tuple[float, float]
     stopped: RunStop | None = None
 
 
@@ -209,7 +226,10 @@ def propagate(session: Any, axis: int, anchors: Mapping[int, np.ndarray], direct
 
     def add_front(anchor: int, step: int, natural: int) -> None:
         limit, reason = limit_for(anchor, step, natural)
-        fronts.append(_Front(anchor, step, limit, reason, anchor, clean[anchor], logits.get(anchor)))
+        image = session.slice_image(SliceRef(axis, anchor))
+        lo_i, hi_i = np.percentile(image[clean[anchor]], (5, 95))
+        fronts.append(_Front(anchor, step, limit, reason, anchor, clean[anchor], logits.get(anchor),
+                             (float(lo_i), float(hi_i))))
 
     steps = DIRECTIONS[direction]
     if 1 in steps:
@@ -263,6 +283,9 @@ def propagate(session: Any, axis: int, anchors: Mapping[int, np.ndarray], direct
                 reason = StopReason.LOW_IOU
             elif pred.score < rules.min_score:
                 reason = StopReason.LOW_SCORE
+            elif rules.min_intensity_agreement > 0 and intensity_agreement(
+                    session.slice_image(ref), pred.mask, front.intensity_range) < rules.min_intensity_agreement:
+                reason = StopReason.INTENSITY
             if reason is not None:
                 stop(front, reason, nxt)
                 continue

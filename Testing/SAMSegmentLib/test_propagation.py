@@ -1,0 +1,153 @@
+"""Propagation with the real model: accuracy on a moving phantom and the sample CT, stop reasons,
+anchors, gap filling, cancellation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from phantoms import box_of, dice, ellipsoid_ct
+from SAMSegmentLib.errors import PromptError, SAMSegmentError, VolumeError
+from SAMSegmentLib.propagation import StopReason, StopRules, propagate
+from SAMSegmentLib.prompts import Prompts
+from SAMSegmentLib.volume import SliceRef
+from SAMSegmentLib.worker import CancelToken
+
+
+@pytest.fixture(scope="module")
+def moving(backend):
+    """A session holding a phantom whose cross-section moves 0.5 px per slice (embeddings shared by the tests)."""
+    from SAMSegmentLib.session import SegmentationSession
+
+    vol, mask = ellipsoid_ct(drift=0.5, seed=3)
+    s = SegmentationSession(model=backend)
+    s.set_volume(vol)
+    yield s, vol, mask
+    s.close()
+
+
+def anchor_mask(session, mask, k):
+    return session.predict(SliceRef(0, k), Prompts(box=box_of(mask[k]))).mask
+
+
+def test_both_ways_follows_the_object_and_stops_at_its_ends(moving):
+    s, vol, mask = moving
+    k = 12
+    a = anchor_mask(s, mask, k)
+    seen = []
+    result = propagate(s, 0, {k: a}, on_slice=lambda ref, m, o: seen.append(ref.index))
+    seg = result.to_volume(vol.shape, {k: a})
+    assert dice(seg, mask) > 0.95
+    areas = mask.sum(axis=(1, 2))
+    first, last = np.nonzero(areas >= 0.01 * areas.max())[0][[0, -1]]  # ignore single-voxel tips
+    written = sorted(result.masks)
+    assert abs(written[0] - first) <= 1 and abs(written[-1] - last) <= 1
+    assert {s.direction for s in result.stops} == {1, -1}
+    assert all(stop.reason in (StopReason.INTENSITY, StopReason.EMPTY, StopReason.TOO_SMALL, StopReason.LOW_IOU)
+               for stop in result.stops)
+    assert sorted(seen) == written and k not in seen
+    # the two fronts alternate: the first two slices written are the anchor's neighbours
+    assert set(seen[:2]) == {k - 1, k + 1}
+
+
+def test_direction_range_and_max_slices(moving):
+    s, vol, mask = moving
+    k = 12
+    a = anchor_mask(s, mask, k)
+    up = propagate(s, 0, {k: a}, direction="up", rules=StopRules(max_slices=3))
+    assert sorted(up.masks) == [13, 14, 15]
+    assert [(x.direction, x.reason) for x in up.stops] == [(1, StopReason.RANGE_LIMIT)]
+    down = propagate(s, 0, {k: a}, direction="down", rules=StopRules(index_range=(10, 20)))
+    assert sorted(down.masks) == [10, 11]
+    assert down.stops[0].reason == StopReason.RANGE_LIMIT
+
+
+def test_volume_edge_when_object_fills_the_volume(backend):
+    from SAMSegmentLib.session import SegmentationSession
+
+    vol, mask = ellipsoid_ct(shape=(6, 80, 80), radii=(40.0, 25.0, 25.0), center=(3.0, 40.0, 40.0))
+    with SegmentationSession(model=backend) as s:
+        s.set_volume(vol)
+        a = anchor_mask(s, mask, 2)
+        result = propagate(s, 0, {2: a})
+        assert sorted(result.masks) == [0, 1, 3, 4, 5]
+        assert {x.reason for x in result.stops} == {StopReason.VOLUME_EDGE}
+
+
+def test_anchors_are_never_overwritten_and_gaps_fill_from_both_ends(moving):
+    s, vol, mask = moving
+    anchors = {8: anchor_mask(s, mask, 8), 16: anchor_mask(s, mask, 16)}
+    # mark the accepted slices with something the model would never produce
+    anchors[8] = anchors[8].copy()
+    anchors[8][0, 0] = True
+    result = propagate(s, 0, anchors, direction="both")
+    assert 8 not in result.masks and 16 not in result.masks
+    assert set(range(9, 16)) <= set(result.masks)
+    # each gap slice came from its nearer end
+    for i in range(9, 16):
+        src = result.outcomes[i].from_index
+        assert src == i - 1 or src == i + 1
+    assert result.outcomes[9].direction == 1 and result.outcomes[15].direction == -1
+    reasons = {(x.anchor, x.direction): x.reason for x in result.stops}
+    assert StopReason.MET in (reasons[(8, 1)], reasons[(16, -1)])
+    seg = result.to_volume(vol.shape, anchors)
+    assert seg[8, 0, 0]  # the accepted slice came through unchanged
+
+
+def test_cancel_leaves_a_consistent_partial_result(moving):
+    s, vol, mask = moving
+    k = 12
+    a = anchor_mask(s, mask, k)
+    token = CancelToken()
+    got = []
+
+    def on_slice(ref, m, outcome):
+        got.append(ref.index)
+        if len(got) == 3:
+            token.cancel()
+
+    result = propagate(s, 0, {k: a}, cancel=token, on_slice=on_slice)
+    assert result.cancelled
+    assert sorted(result.masks) == sorted(got) and len(got) == 3
+    assert all(stop.reason == StopReason.CANCELLED for stop in result.stops)
+    # what was written is contiguous with the anchor on each side
+    idx = sorted([*result.masks, k])
+    assert idx == list(range(idx[0], idx[-1] + 1))
+
+
+def test_bad_anchor_inputs(moving):
+    s, vol, mask = moving
+    with pytest.raises(PromptError, match="at least one"):
+        propagate(s, 0, {})
+    with pytest.raises(PromptError, match="empty"):
+        propagate(s, 0, {5: np.zeros(vol.shape[1:], bool)})
+    with pytest.raises(PromptError, match="shape"):
+        propagate(s, 0, {5: np.ones((3, 3), bool)})
+    with pytest.raises(VolumeError, match="outside the volume"):
+        propagate(s, 0, {99: np.ones(vol.shape[1:], bool)})
+    with pytest.raises(SAMSegmentError, match="direction"):
+        propagate(s, 0, {5: mask[5] | True}, direction="sideways")
+
+
+def test_propagation_along_another_axis(backend):
+    from SAMSegmentLib.session import SegmentationSession
+
+    vol, mask = ellipsoid_ct(shape=(40, 64, 20), radii=(14.0, 18.0, 6.0))
+    with SegmentationSession(model=backend) as s:
+        s.set_volume(vol)
+        axis, k = 2, 10
+        a = s.predict(SliceRef(axis, k), Prompts(box=box_of(np.take(mask, k, axis)))).mask
+        result = propagate(s, axis, {k: a})
+        seg = result.to_volume(vol.shape, {k: a})
+        assert dice(seg, mask) > 0.9
+
+
+def test_sample_ct_spleen_golden(session, sample_ct):
+    """Regression guard on real data: one box on the largest spleen slice, propagate both ways."""
+    vol, lab, names = sample_ct
+    ref3 = lab == names["spleen"]
+    k = int(ref3.sum(axis=(1, 2)).argmax())
+    session.set_volume(vol)
+    a = anchor_mask(session, ref3, k)
+    result = propagate(session, 0, {k: a})
+    assert dice(result.to_volume(vol.shape, {k: a}), ref3) >= 0.95

@@ -1,0 +1,162 @@
+"""The interactive session with the real LiteMedSAM model on phantoms with known masks."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from phantoms import box_of, dice, ellipsoid_ct
+from SAMSegmentLib.errors import PromptError, SAMSegmentError, VolumeError
+from SAMSegmentLib.prompts import Prompts
+from SAMSegmentLib.volume import SliceRef
+
+
+def test_box_on_each_axis(session, phantom):
+    vol, mask = phantom
+    session.set_volume(vol)
+    for axis in (0, 1, 2):
+        index = vol.shape[axis] // 2
+        truth = np.take(mask, index, axis)
+        pred = session.predict(SliceRef(axis, index), Prompts(box=box_of(truth)))
+        assert pred.mask.shape == truth.shape
+        assert dice(pred.mask, truth) > 0.95, axis
+
+
+def test_points_refinement_and_undo(session, phantom):
+    vol, mask = phantom
+    session.set_volume(vol)
+    ref = SliceRef(0, 12)
+    truth = mask[12]
+    ys, xs = np.nonzero(truth)
+    first = session.predict(ref, Prompts(box=box_of(truth)))
+    assert session.current(ref) is first
+    # a corrective exclude click in the middle of the object must carve the mask there
+    cy, cx = int(ys.mean()), int(xs.mean())
+    prompts = Prompts(box=box_of(truth)).with_point(cx, cy, 0)
+    second = session.predict(ref, prompts)
+    assert second.prompts.labels.tolist() == [0]
+    assert not np.array_equal(second.mask, first.mask)
+    assert session.undo(ref) is first
+    assert session.undo(ref) is None
+    with pytest.raises(SAMSegmentError, match="Nothing to undo"):
+        session.undo(ref)
+
+
+def test_refinement_passes_previous_logits(session, phantom, monkeypatch):
+    vol, mask = phantom
+    session.set_volume(vol)
+    ref = SliceRef(0, 12)
+    seen = []
+    original = session.backend.decode
+
+    import inspect
+
+    def spy(*args, **kwargs):
+        seen.append(inspect.signature(original).bind(*args, **kwargs).arguments.get("mask_input"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(session.backend, "decode", spy)
+    first = session.predict(ref, Prompts(box=box_of(mask[12])))
+    session.predict(ref, Prompts(box=box_of(mask[12])).with_point(56, 48, 1))
+    assert seen[0] is None
+    assert seen[1] is first.low_res_logits
+
+
+def test_each_slice_is_encoded_once(session, phantom):
+    vol, mask = phantom
+    session.set_volume(vol)
+    ref = SliceRef(0, 10)
+    for _ in range(3):
+        session.predict(ref, Prompts(box=box_of(mask[10])))
+    assert session.encode_count == 1
+    assert session.cache.stats.hits >= 2
+
+
+def test_prefetch_runs_on_the_worker_nearest_first(session, phantom):
+    vol, _ = phantom
+    session.set_volume(vol)
+    threads, order = set(), []
+    original = session.backend.encode
+
+    def spy(image):
+        threads.add(threading.current_thread().name)
+        order.append(image.tobytes())
+        return original(image)
+
+    session.backend.encode = spy
+    queued = session.prefetch(SliceRef(0, 12), radius=2, direction=-1)
+    assert queued == 4
+    deadline = time.time() + 60
+    while session.worker.pending() and time.time() < deadline:
+        time.sleep(0.05)
+    session.embedding(SliceRef(0, 12))  # queued behind; also flushes the worker
+    assert threads == {session.worker.thread.name}
+    expected = [session.slice_image(SliceRef(0, i)).tobytes() for i in (11, 13, 10, 14, 12)]
+    assert order == expected
+    assert all(session.is_cached(SliceRef(0, i)) for i in (10, 11, 13, 14))
+
+
+def test_bad_volumes_are_refused_with_reasons(session):
+    with pytest.raises(VolumeError, match="2D image"):
+        session.set_volume(np.zeros((32, 32)))
+    with pytest.raises(VolumeError, match="4D"):
+        session.set_volume(np.zeros((2, 3, 32, 32)))
+    with pytest.raises(VolumeError, match="empty"):
+        session.set_volume(np.zeros((0, 32, 32)))
+    bad = np.zeros((4, 32, 32), dtype=np.float32)
+    bad[1, 2, 3] = np.nan
+    bad[2, 2, 3] = np.inf
+    with pytest.raises(VolumeError, match="2 NaN or infinite"):
+        session.set_volume(bad)
+    with pytest.raises(VolumeError, match="single intensity|same value"):
+        session.set_volume(np.full((4, 32, 32), 7.0))
+
+
+def test_bad_prompts_are_refused_with_reasons(session, phantom):
+    vol, mask = phantom
+    session.set_volume(vol)
+    h, w = vol.shape[1:]
+    with pytest.raises(PromptError, match="outside"):
+        session.predict(SliceRef(0, 12), Prompts.from_lists([(w + 5, 3)]))
+    with pytest.raises(PromptError, match="zero area"):
+        session.predict(SliceRef(0, 12), Prompts(box=[10, 10, 10, 40]))
+    with pytest.raises(PromptError, match="Only exclude"):
+        session.predict(SliceRef(0, 12), Prompts.from_lists([], [(10, 10)]))
+    with pytest.raises(PromptError, match="No prompt"):
+        session.predict(SliceRef(0, 12), Prompts())
+    with pytest.raises(VolumeError, match="outside the volume"):
+        session.predict(SliceRef(0, 99), Prompts(box=[1, 1, 9, 9]))
+    assert session.encode_count == 0  # nothing reached the model
+
+
+def test_constant_slice_is_refused(session, phantom):
+    vol, _ = phantom
+    vol = vol.copy()
+    vol[3] = -1000
+    session.set_volume(vol)
+    with pytest.raises(VolumeError, match="constant after windowing"):
+        session.predict(SliceRef(0, 3), Prompts(box=[10, 10, 40, 40]))
+
+
+def test_box_past_the_edge_is_clipped(session, phantom):
+    vol, mask = phantom
+    session.set_volume(vol)
+    b = box_of(mask[12])
+    pred = session.predict(SliceRef(0, 12), Prompts(box=[b[0], b[1], b[2], vol.shape[1] + 40]))
+    assert pred.prompts.box[3] == vol.shape[1] - 1
+
+
+def test_postprocessing_options(backend, phantom):
+    from SAMSegmentLib.session import SegmentationSession
+
+    vol, mask = phantom
+    with SegmentationSession(model=backend, fill_holes=True, largest_component=True) as s:
+        s.set_volume(vol)
+        pred = s.predict(SliceRef(0, 12), Prompts(box=box_of(mask[12])))
+        from scipy import ndimage
+
+        assert ndimage.label(pred.mask)[1] == 1
+        assert np.array_equal(ndimage.binary_fill_holes(pred.mask), pred.mask)
