@@ -243,12 +243,15 @@ def write_png_montage(path: str | Path, session: Any, mask_kji: np.ndarray, axis
         indices = [indices[i] for i in sorted(set(picks.tolist()))]
     spacing = geometry.array_spacing()  # (K, J, I) spacing
     in_plane = [a for a in (0, 1, 2) if a != axis]
+    view, transposed = geometry.radiological_view(axis)
+    pixel_spacing = (spacing[in_plane[0]], spacing[in_plane[1]])
+    if transposed:
+        pixel_spacing = pixel_spacing[::-1]
     tiles = []
     for index in indices:
         ref = SliceRef(axis, index)
-        tiles.append(sio.overlay_tile(session.slice_image(ref), [(get_slice(mask_kji, ref) > 0, (255, 64, 64))],
-                                      pixel_spacing=(spacing[in_plane[0]], spacing[in_plane[1]]),
-                                      label=f"{'kji'[axis]}={index}"))
+        tiles.append(sio.overlay_tile(view(session.slice_image(ref)), [(view(get_slice(mask_kji, ref) > 0), (255, 64, 64))],
+                                      pixel_spacing=pixel_spacing, label=f"{'kji'[axis]}={index}"))
     sio.save_montage_png(path, tiles, ncols=min(4, len(tiles)))
 
 

@@ -1,0 +1,122 @@
+"""The samsegment command line, end to end on the bundled sample CT with the real model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from SAMSegmentLib import sample_data
+from SAMSegmentLib.cli import main
+
+IMAGE = str(sample_data.path(sample_data.IMAGE))
+
+
+@pytest.fixture(scope="module")
+def spleen_box():
+    lab = sitk.GetArrayFromImage(sitk.ReadImage(str(sample_data.path(sample_data.LABELS))))
+    spleen = lab == sample_data.label_values()["spleen"]
+    k = int(spleen.sum(axis=(1, 2)).argmax())
+    ys, xs = np.nonzero(spleen[k])
+    return k, [int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())], spleen
+
+
+def test_segment_writes_one_slice_with_image_geometry(tmp_path, spleen_box, capsys):
+    k, box, spleen = spleen_box
+    out = tmp_path / "slice.nii.gz"
+    assert main(["segment", IMAGE, "--slice", str(k), "--box", *map(str, box), "--out", str(out),
+                 "--png", str(tmp_path / "slice.png")]) == 0
+    mask_img = sitk.ReadImage(str(out))
+    src = sitk.ReadImage(IMAGE)
+    assert mask_img.GetSize() == src.GetSize()
+    assert np.allclose(mask_img.GetDirection(), src.GetDirection())
+    assert np.allclose(mask_img.GetOrigin(), src.GetOrigin()) and np.allclose(mask_img.GetSpacing(), src.GetSpacing())
+    mask = sitk.GetArrayFromImage(mask_img) > 0
+    assert mask[k].any() and not np.delete(mask, k, axis=0).any()
+    d = 2 * (mask[k] & spleen[k]).sum() / (mask[k].sum() + spleen[k].sum())
+    assert d > 0.85
+    assert (tmp_path / "slice.png").stat().st_size > 1000
+    assert "model score" in capsys.readouterr().out
+
+
+def test_lps_prompts_give_the_same_mask_as_voxel_prompts(tmp_path, spleen_box):
+    k, box, _ = spleen_box
+    src = sitk.ReadImage(IMAGE)  # direction diag(-1, -1, 1): LPS and index axes differ in sign
+    c0 = src.TransformContinuousIndexToPhysicalPoint((float(box[0]), float(box[1]), float(k)))
+    c1 = src.TransformContinuousIndexToPhysicalPoint((float(box[2]), float(box[3]), float(k)))
+    out_v, out_p = tmp_path / "v.nii.gz", tmp_path / "p.nii.gz"
+    assert main(["segment", IMAGE, "--slice", str(k), "--box", *map(str, box), "--out", str(out_v)]) == 0
+    assert main(["segment", IMAGE, "--coords", "lps", "--box", *map(str, c0 + c1), "--out", str(out_p)]) == 0
+    a = sitk.GetArrayFromImage(sitk.ReadImage(str(out_v)))
+    b = sitk.GetArrayFromImage(sitk.ReadImage(str(out_p)))
+    assert a.any() and np.array_equal(a, b)
+
+
+def test_propagate_and_refuse_overwrite(tmp_path, spleen_box, capsys):
+    k, box, spleen = spleen_box
+    out = tmp_path / "spleen.nrrd"
+    args = ["propagate", IMAGE, "--slice", str(k), "--box", *map(str, box), "--out", str(out),
+            "--png", str(tmp_path / "spleen.png"), "--max-slices", "4"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "range limit reached" in text
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out))) > 0
+    assert sorted(np.nonzero(mask.any(axis=(1, 2)))[0].tolist()) == list(range(k - 4, min(k + 5, mask.shape[0])))
+    before = out.read_bytes()
+    assert main(args) == 2  # exists: refused, untouched
+    assert "exists" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    assert main(args + ["--overwrite"]) == 0
+
+
+def test_output_onto_the_input_is_refused(tmp_path, spleen_box, capsys):
+    k, box, _ = spleen_box
+    copy = tmp_path / "ct.nii.gz"
+    copy.write_bytes(open(IMAGE, "rb").read())
+    before = copy.read_bytes()
+    code = main(["segment", str(copy), "--slice", str(k), "--box", *map(str, box), "--out", str(copy), "--overwrite"])
+    assert code == 2
+    assert copy.read_bytes() == before
+
+
+def test_prompt_errors_are_reported(tmp_path, spleen_box, capsys):
+    k, _, _ = spleen_box
+    code = main(["segment", IMAGE, "--slice", str(k), "--point", "500", "3", "--out", str(tmp_path / "x.nii.gz")])
+    err = capsys.readouterr().err
+    assert code == 2 and "outside" in err and "what to do" in err
+    code = main(["segment", IMAGE, "--slice", "999", "--box", "1", "1", "9", "9", "--out", str(tmp_path / "x.nii.gz")])
+    assert code == 2 and "outside the volume" in capsys.readouterr().err
+    code = main(["segment", str(tmp_path / "missing.nii.gz"), "--slice", "1", "--box", "1", "1", "9", "9",
+                 "--out", str(tmp_path / "x.nii.gz")])
+    assert code == 2 and "missing.nii.gz" in capsys.readouterr().err
+    assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_embed_then_reuse_cache(tmp_path, spleen_box, capsys):
+    k, box, _ = spleen_box
+    cache = tmp_path / "cache"
+    small = tmp_path / "small.nii.gz"
+    src = sitk.ReadImage(IMAGE)
+    sitk.WriteImage(src[:, :, k - 1:k + 2], str(small))  # 3 slices keep the test fast
+    assert main(["embed", str(small), "--cache-dir", str(cache)]) == 0
+    assert len(list(cache.glob("axis0_*.pt"))) == 3
+    assert "3 slice(s) encoded" in capsys.readouterr().out
+    assert main(["embed", str(small), "--cache-dir", str(cache)]) == 0
+    assert "0 slice(s) encoded" in capsys.readouterr().out
+    # the same folder for another image is refused, with the remedy
+    code = main(["embed", IMAGE, "--cache-dir", str(cache)])
+    assert code == 2 and "different volume_signature" in capsys.readouterr().err
+
+
+def test_models_lists_bundled_and_user_models(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "litemedsam (default)" in out and "bundled" in out and "sam_vit_h" in out and "--checkpoint" in out
+
+
+def test_demo_prints_dice_and_writes_files(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    dice = float(out.strip().splitlines()[-1].split("Dice:")[1])
+    assert dice >= 0.95
+    assert (tmp_path / "spleen_mask.nii.gz").exists() and (tmp_path / "spleen_overlay.png").exists()

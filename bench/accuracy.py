@@ -1,0 +1,91 @@
+"""Volume Dice on the real sample scans: one box + propagation vs the oracle (reference box on
+every slice), printed as JSON.
+
+Usage: python bench/accuracy.py [--data ../shared/data] [--structures spleen liver ...]
+The box on the anchor slice is the reference mask's bounding box on the structure's largest
+axial slice (what a user would drag); everything after that uses only the model's own output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+from SAMSegmentLib import io as sio  # noqa: E402
+from SAMSegmentLib.propagation import dice, propagate  # noqa: E402
+from SAMSegmentLib.prompts import Prompts  # noqa: E402
+from SAMSegmentLib.session import SegmentationSession  # noqa: E402
+from SAMSegmentLib.volume import SliceRef  # noqa: E402
+
+DEFAULTS = {"ct-abdomen-3mm": ["spleen", "liver", "kidney_left", "kidney_right", "stomach", "aorta"],
+            "mr-abdomen-3mm": ["liver", "spleen", "aorta", "kidney_left", "kidney_right"]}
+TARGETS = {("ct-abdomen-3mm", "spleen"): 0.96, ("ct-abdomen-3mm", "liver"): 0.93,
+           ("ct-abdomen-3mm", "kidney_left"): 0.94}
+
+
+def box_of(mask2d: np.ndarray) -> list[float]:
+    ys, xs = np.nonzero(mask2d)
+    return [float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())]
+
+
+def evaluate(session: SegmentationSession, labels: np.ndarray, value: int) -> dict:
+    ref3 = labels == value
+    if not ref3.any():
+        return {"absent": True}
+    k = int(ref3.sum(axis=(1, 2)).argmax())
+    t0 = time.perf_counter()
+    calls_before = session.encode_count
+    anchor = session.predict(SliceRef(0, k), Prompts(box=box_of(ref3[k]))).mask
+    result = propagate(session, 0, {k: anchor})
+    seg = result.to_volume(labels.shape, {k: anchor})
+    seconds = time.perf_counter() - t0
+    oracle = np.zeros_like(ref3)
+    for i in np.nonzero(ref3.any(axis=(1, 2)))[0]:
+        oracle[i] = session.predict(SliceRef(0, int(i)), Prompts(box=box_of(ref3[i])), refine=False).mask
+    return {"dice": round(dice(seg, ref3), 4), "oracle_dice": round(dice(oracle, ref3), 4),
+            "anchor_slice": k, "slices_written": len(result.masks) + 1,
+            "reference_slices": int(ref3.any(axis=(1, 2)).sum()),
+            "stops": [[s.direction, s.last_index, s.reason.name] for s in result.stops],
+            "seconds": round(seconds, 2), "encodes": session.encode_count - calls_before}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    parser.add_argument("--model", default="litemedsam")
+    args = parser.parse_args()
+    report = {"model": args.model, "datasets": {}}
+    with SegmentationSession(model=args.model) as session:
+        for name, structures in DEFAULTS.items():
+            folder = Path(args.data) / name
+            if not folder.exists():
+                print(f"skipping {folder}: not found", file=sys.stderr)
+                continue
+            vol, _ = sio.read_volume(folder / "image.nii.gz")
+            labels, _ = sio.read_volume(folder / "labels.nii.gz")
+            values = {v: int(k) for k, v in json.loads((folder / "labels.json").read_text()).items()}
+            session.set_volume(vol)
+            rows = {}
+            for structure in structures:
+                row = evaluate(session, labels, values[structure])
+                target = TARGETS.get((name, structure))
+                if target is not None:
+                    row["target"] = target
+                    row["meets_target"] = row["dice"] >= target
+                rows[structure] = row
+                print(f"{name} {structure}: {row}", file=sys.stderr)
+            report["datasets"][name] = {"window": [session.window.low, session.window.high, session.window.source],
+                                        "structures": rows}
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
