@@ -26,6 +26,14 @@ _EXPORTS = {
     "CancelToken": "worker",
     "SAMSegmentError": "errors",
     "load_registry": "model_registry",
+    "EverythingParams": "automatic",
+    "Region": "automatic",
+    "everything_slice": "automatic",
+    "everything_volume": "automatic",
+    "samaug_maps": "samaug",
+    "samaug_volume": "samaug",
+    "samaug_batch": "samaug",
+    "prompt_uncertainty": "uncertainty",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -4,11 +4,16 @@ Checkpoints are always read with ``torch.load(weights_only=True)``: a .pth file 
 can otherwise run arbitrary code when unpickled. The architecture is checked against the
 checkpoint's keys before loading, so a ViT-L file given as ViT-B fails with a message that says
 which model the file actually is.
+
+Each backend runs its image encoder and its prompt encoder + mask decoder either in eager PyTorch
+or as ONNX Runtime graphs (``runtime="auto"|"eager"|"onnx"``, see ``runtimes``); ``encode`` and
+``decode`` take and return the same things either way.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +24,7 @@ from .device import select_device
 from .errors import CheckpointError, MemoryBudgetError
 from .model_registry import ModelSpec, get_spec, resolve_weights
 from .preprocessing import SliceGeometry
+from .runtimes import part_runtimes, requested_runtime
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +105,19 @@ def build_network(architecture: str):
 class SamBackend:
     """One loaded model: preprocessing, image encoder, prompt encoder and mask decoder."""
 
-    def __init__(self, spec: ModelSpec, checkpoint: str | Path | None = None, device: str | None = None) -> None:
+    def __init__(self, spec: ModelSpec, checkpoint: str | Path | None = None, device: str | None = None,
+                 runtime: str | None = None, onnx_cache_dir: str | Path | None = None) -> None:
+        """``runtime``: "auto" (default, or ``$SAMSEGMENT_RUNTIME``), "eager" or "onnx"; ONNX graphs
+        are exported on first use (or ``prepare_runtime()``) into ``onnx_cache_dir`` (default
+        ``runtimes.default_cache_dir()``) and reused from there."""
         import torch
 
         self.spec = spec
         self.device = select_device(device)
+        self.runtime_requested = requested_runtime(runtime)
         self.weights_path = resolve_weights(spec, checkpoint)
+        # packaged weights were just checked against the registry's sha256; user files are hashed on export
+        self._weights_sha256 = spec.weights.get("sha256") if checkpoint is None else None
         state = load_state_dict(self.weights_path)
         found = detect_architecture(state)
         if found != spec.architecture:
@@ -141,15 +154,114 @@ class SamBackend:
         if spec.normalization == "sam_mean_std":
             self._mean = torch.tensor(SAM_PIXEL_MEAN, dtype=torch.float32).view(3, 1, 1)
             self._std = torch.tensor(SAM_PIXEL_STD, dtype=torch.float32).view(3, 1, 1)
+        # runtime: "onnx" when at least one part is planned for ONNX Runtime (per part: runtime_info());
+        # the graphs are loaded, or exported, on first use; a part that fails falls back to eager
+        self.onnx_cache_dir = Path(onnx_cache_dir).expanduser() if onnx_cache_dir is not None else None
+        self._part_runtime = part_runtimes(self.runtime_requested, self.device, spec.architecture)
+        self.runtime = "onnx" if "onnx" in self._part_runtime.values() else "eager"
+        self._graphs: dict[str, Any] = {}
+        self._runtime_notes: list[str] = []
+        self._runtime_ready = self.runtime == "eager"  # nothing to load
+        self._runtime_lock = threading.Lock()
 
     @classmethod
     def from_model_id(cls, model_id: str, checkpoint: str | Path | None = None, device: str | None = None,
-                      extra_registry: str | Path | None = None) -> "SamBackend":
-        return cls(get_spec(model_id, extra_registry), checkpoint, device)
+                      extra_registry: str | Path | None = None, runtime: str | None = None,
+                      onnx_cache_dir: str | Path | None = None) -> "SamBackend":
+        return cls(get_spec(model_id, extra_registry), checkpoint, device, runtime, onnx_cache_dir)
 
     @property
     def model_id(self) -> str:
         return self.spec.id
+
+    # ----------------------------------------------------------------------------- runtime
+    @property
+    def encoder_runtime(self) -> str:
+        """"onnx" or "eager": what runs the image encoder (loads the ONNX graphs if not yet done)."""
+        self.prepare_runtime()
+        return self._part_runtime["encoder"]
+
+    @property
+    def decoder_runtime(self) -> str:
+        """"onnx" or "eager": what runs the prompt encoder + mask decoder."""
+        self.prepare_runtime()
+        return self._part_runtime["decoder"]
+
+    def prepare_runtime(self) -> dict[str, Any]:
+        """Load the ONNX graphs now, exporting them if the cache has no valid copy (seconds for
+        LiteMedSAM, minutes for ViT-H); otherwise the first ``encode``/``decode`` does it. Never
+        raises: a part that cannot run in ONNX Runtime stays on eager PyTorch with a warning."""
+        if not self._runtime_ready:
+            with self._runtime_lock:
+                if not self._runtime_ready:
+                    for part in ("encoder", "decoder"):
+                        self._load_graph(part)
+                    self._runtime_ready = True
+        return self.runtime_info()
+
+    def runtime_info(self) -> dict[str, Any]:
+        """What runs where, for logs, the GUI and benchmarks (does not load anything)."""
+        info: dict[str, Any] = {"requested": self.runtime_requested, "runtime": self.runtime,
+                                "ready": self._runtime_ready, **self._part_runtime}
+        for part, graph in self._graphs.items():
+            info[f"{part}_graph"] = str(graph.path)
+            info[f"{part}_exported_now"] = graph.exported
+        if self._runtime_notes:
+            info["notes"] = list(self._runtime_notes)
+        return info
+
+    def _fall_back(self, part: str, reason: str) -> None:
+        log.warning("%s %s: ONNX Runtime not used (%s); running eager PyTorch", self.spec.id, part, reason)
+        self._runtime_notes.append(f"{part}: {reason}")
+        self._part_runtime[part] = "eager"
+        self._graphs.pop(part, None)
+        if all(r == "eager" for r in self._part_runtime.values()):
+            self.runtime = "eager"
+
+    def _load_graph(self, part: str) -> None:
+        from . import runtimes
+
+        if self._part_runtime[part] != "onnx":
+            return
+        try:
+            import torch
+
+            cache_dir = self.onnx_cache_dir or runtimes.default_cache_dir()
+            digest = runtimes.weights_digest(self.weights_path, cache_dir, self._weights_sha256)
+            signature = runtimes.export_signature(self.spec.id, self.spec.architecture, self.spec.image_size, part,
+                                                  digest)
+            gen = torch.Generator().manual_seed(0)
+            if part == "encoder":
+                s = self.spec.image_size
+                example = (torch.rand(1, 3, s, s, generator=gen),)
+                graph = runtimes.load_or_export(part, signature, cache_dir, lambda: self.image_encoder, example,
+                                                runtimes.ENCODER_INPUTS, runtimes.ENCODER_OUTPUTS)
+            else:
+                emb_h, emb_w = (int(v) for v in self.prompt_encoder.image_embedding_size)
+                mask_h, mask_w = (int(v) for v in self.prompt_encoder.mask_input_size)
+                example = (torch.randn(1, self.prompt_encoder.embed_dim, emb_h, emb_w, generator=gen),
+                           torch.tensor([[[30.0, 40.0], [20.0, 25.0], [90.0, 120.0]]]),
+                           torch.tensor([[1.0, 2.0, 3.0]]),
+                           torch.randn(1, 1, mask_h, mask_w, generator=gen),
+                           torch.tensor([1.0]))
+                # checked as well: box only without a mask input (the 4x4 placeholder), points with padding
+                checks = [(example[0], example[1][:, 1:], example[2][:, 1:], torch.zeros(1, 1, 4, 4), torch.zeros(1)),
+                          (example[0], example[1][:, :2], torch.tensor([[1.0, -1.0]]), example[3], example[4])]
+                dynamic = {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"},
+                           "mask_input": {2: "mask_height", 3: "mask_width"}}
+                graph = runtimes.load_or_export(
+                    part, signature, cache_dir,
+                    lambda: runtimes.prompt_decoder_module(self.prompt_encoder, self.mask_decoder), example,
+                    runtimes.DECODER_INPUTS, runtimes.DECODER_OUTPUTS, dynamic, checks)
+            self._graphs[part] = graph
+        except Exception as exc:  # noqa: BLE001 - any failure means eager, never a crash
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            self._fall_back(part, f"{exc.__class__.__name__}: {first}")
+
+    def _graph(self, part: str):
+        if not self._runtime_ready:
+            self.prepare_runtime()
+        return self._graphs.get(part) if self._part_runtime[part] == "onnx" else None
 
     def geometry(self, height: int, width: int) -> SliceGeometry:
         return SliceGeometry(height, width, self.spec.image_size, self.spec.resize)
@@ -189,6 +301,13 @@ class SamBackend:
         """Image embedding (1, 256, 64, 64) float32 on the model device."""
         import torch
 
+        graph = self._graph("encoder")
+        if graph is not None:
+            tensor = self.prepare_image(image)
+            try:
+                return torch.from_numpy(graph.run({"image": tensor.numpy()})[0])
+            except Exception as exc:  # noqa: BLE001
+                self._fall_back("encoder", f"inference failed: {exc.__class__.__name__}: {exc}")
         tensor = self.prepare_image(image).to(self.device)
         try:
             with torch.inference_mode():
@@ -203,6 +322,11 @@ class SamBackend:
         """Decode prompts given in slice pixels; ``mask_input`` is low-res logits (1, 1, 256, 256)."""
         import torch
 
+        graph = self._graph("decoder")
+        if graph is not None:
+            out = self._decode_onnx(graph, embedding, geom, points, labels, box, mask_input, multimask)
+            if out is not None:
+                return out
         dev = self.device
         point_arg = None
         if points is not None and len(points):
@@ -228,6 +352,39 @@ class SamBackend:
                 iou = iou[:, best:best + 1]
             full = geom.low_res_to_slice(low_res, LOW_RES_SIZE)
         return DecodeResult(full[0, 0].float().cpu().numpy(), float(iou[0, 0]), low_res.detach().float().cpu())
+
+    def _decode_onnx(self, graph: Any, embedding: Any, geom: SliceGeometry, points: np.ndarray | None,
+                     labels: np.ndarray | None, box: np.ndarray | None, mask_input: Any,
+                     multimask: bool) -> DecodeResult | None:
+        """``decode`` through the ONNX decoder graph; None for the rare prompts it does not cover."""
+        import torch
+
+        from .runtimes import prompt_tokens
+
+        pts = geom.points_to_model(points) if points is not None and len(points) else None
+        scaled_box = geom.box_to_model(box, self.spec.box_rounding) if box is not None else None
+        tokens = prompt_tokens(pts, labels, scaled_box)
+        mask_shape = (1, 1, *(int(v) for v in self.prompt_encoder.mask_input_size))
+        if tokens is None or (mask_input is not None and tuple(mask_input.shape) != mask_shape):
+            return None
+        if mask_input is None:  # any small array: the graph ignores it and broadcasts "no mask"
+            mask = np.zeros((1, 1, 4, 4), np.float32)
+            has_mask = np.zeros(1, np.float32)
+        else:
+            mask = mask_input.detach().to("cpu", torch.float32).contiguous().numpy()
+            has_mask = np.ones(1, np.float32)
+        emb = embedding.detach().to("cpu", torch.float32).contiguous().numpy()
+        try:
+            masks, iou = graph.run({"image_embeddings": emb, "point_coords": tokens[0], "point_labels": tokens[1],
+                                    "mask_input": mask, "has_mask_input": has_mask})
+        except Exception as exc:  # noqa: BLE001
+            self._fall_back("decoder", f"inference failed: {exc.__class__.__name__}: {exc}")
+            return None
+        best = 1 + int(np.argmax(iou[0, 1:])) if multimask else 0
+        low_res = torch.from_numpy(np.ascontiguousarray(masks[:, best:best + 1]))
+        with torch.inference_mode():
+            full = geom.low_res_to_slice(low_res, LOW_RES_SIZE)
+        return DecodeResult(full[0, 0].numpy(), float(iou[0, best]), low_res)
 
 
 def _speed_up_mask_upscaling(mask_decoder: Any) -> None:

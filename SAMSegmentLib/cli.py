@@ -43,6 +43,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps")
     g.add_argument("--cache-mib", type=float, default=1024, help="memory budget for slice embeddings (MiB, default 1024)")
     g.add_argument("--cache-dir", default=None, help="folder of precomputed embeddings (see 'samsegment embed')")
+    g.add_argument("--runtime", default=None, choices=["auto", "eager", "onnx"],
+                   help="what runs the model: auto (default, or $SAMSEGMENT_RUNTIME; ONNX Runtime on CPU when "
+                        "installed, else PyTorch), eager (PyTorch) or onnx")
     g = p.add_argument_group("intensity")
     g.add_argument("--window", default="auto",
                    help="auto, a CT preset (abdomen, soft_tissue, liver, lung, bone, brain, mediastinum) or LOW,HIGH")
@@ -125,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list the models, where their weights come from, and the devices",
                    description="List the known models and whether their weights are available.")
+    _add_analysis_parsers(sub)
     return parser
 
 
@@ -154,7 +158,8 @@ def _session(args: argparse.Namespace):
     return SegmentationSession(model=args.model, checkpoint=args.checkpoint, device=args.device,
                                cache_bytes=int(args.cache_mib * 2**20), cache_dir=args.cache_dir,
                                fill_holes=getattr(args, "fill_holes", False),
-                               largest_component=getattr(args, "largest_component", False))
+                               largest_component=getattr(args, "largest_component", False),
+                               runtime=getattr(args, "runtime", None))
 
 
 def _progress(desc: str, total: int):
@@ -383,13 +388,203 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     summary = run_demo(args.out, structure=args.structure, model=args.model, checkpoint=args.checkpoint,
                        device=args.device, overwrite=args.overwrite, window=_window(args.window),
-                       cache_bytes=int(args.cache_mib * 2**20))
+                       cache_bytes=int(args.cache_mib * 2**20), runtime=args.runtime)
     log.info(json.dumps(summary, indent=1))
     return 0
 
 
 COMMANDS = {"models": cmd_models, "segment": cmd_segment, "propagate": cmd_propagate, "embed": cmd_embed,
             "demo": cmd_demo}
+
+# ------------------------------------------------------------------------------------------ issue 5:
+# everything mode, SAMAug channels, prompt-jitter uncertainty
+def _everything_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("everything mode")
+    g.add_argument("--grid", type=int, default=16, help="prompts per side of the grid on each slice (default 16)")
+    g.add_argument("--grid-prompt", choices=["auto", "points", "boxes"], default="auto",
+                   help="auto: boxes for box-only models (LiteMedSAM, MedSAM), points for SAM")
+    g.add_argument("--box-scales", type=float, nargs="+", default=[0.12, 0.25], metavar="F",
+                   help="box grids: box sides as fractions of the slice's longest side (default 0.12 0.25)")
+    g.add_argument("--min-quality", type=float, default=None,
+                   help="keep masks whose predicted IoU is at least this (default 0.88 SAM, 0.70 box-only models)")
+    g.add_argument("--min-stability", type=float, default=None,
+                   help="keep masks whose stability score is at least this (default 0.95 SAM, 0.80 box-only)")
+    g.add_argument("--nms-iou", type=float, default=0.7, help="drop a mask overlapping a better one above this IoU")
+    g.add_argument("--batch-size", type=int, default=0,
+                   help="prompts per decoder call for the batched path (0 = auto: 64 on a GPU, 1 on CPU)")
+    g.add_argument("--decoder", choices=["auto", "batched", "loop"], default="auto",
+                   help="batched: many prompts per eager decoder call (GPU); loop: the backend's one-prompt "
+                        "decoder (ONNX Runtime on CPU); auto picks by machine")
+
+
+def _everything_params(args: argparse.Namespace):
+    from .automatic import EverythingParams
+
+    return EverythingParams(points_per_side=args.grid, prompt=args.grid_prompt, box_scales=tuple(args.box_scales),
+                            pred_iou_thresh=args.min_quality, stability_thresh=args.min_stability,
+                            nms_iou=args.nms_iou, batch_size=args.batch_size, decoder=args.decoder)
+
+
+def _add_analysis_parsers(sub: Any) -> None:
+    p = sub.add_parser("everything", help="automatic segmentation of every slice with a prompt grid (no prompts)",
+                       description="SAM's 'everything' mode: a grid of prompts per slice, masks filtered by "
+                                   "predicted quality and stability, duplicates removed; writes a label volume. "
+                                   "Labels are linked across adjacent slices by overlap unless --per-slice-labels.")
+    p.add_argument("image", help="image file or DICOM folder")
+    p.add_argument("--out", required=True, help="label volume to write (.nii.gz, .nrrd, .mha)")
+    p.add_argument("--axis", default="k", help="slice axis: k, j or i (or 0, 1, 2)")
+    p.add_argument("--slice", type=int, default=None, help="only this slice (default: all)")
+    p.add_argument("--range", type=int, nargs=2, default=None, metavar=("FIRST", "LAST"),
+                   help="only slices FIRST..LAST (inclusive)")
+    p.add_argument("--per-slice-labels", action="store_true",
+                   help="give every region of every slice its own label (default: link regions across slices)")
+    p.add_argument("--link-iou", type=float, default=0.5, help="overlap needed to continue a label on the next slice")
+    p.add_argument("--png", default=None, help="also write a PNG montage of the found regions")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _everything_args(p)
+    _common(p)
+
+    p = sub.add_parser("samaug", help="SAMAug: write (intensity, segmentation prior, boundary prior) channels "
+                                      "for every volume of a folder, resumable",
+                       description="For each volume in INPUT_DIR, everything mode on every slice gives a "
+                                   "segmentation prior (sum of the masks' stability scores) and a boundary prior "
+                                   "(outer mask boundaries). Writes CASE_0000 (intensity), CASE_0001 (segmentation "
+                                   "prior), CASE_0002 (boundary prior) with the input geometry, then CASE.samaug.json. "
+                                   "Cases with a marker are skipped, so an interrupted run resumes where it stopped.")
+    p.add_argument("input_dir", help="folder of volumes (.nii.gz, .nii, .nrrd, .mha, .mhd)")
+    p.add_argument("--out", required=True, help="output folder (not the input folder)")
+    p.add_argument("--axis", default="k", help="slice axis: k, j or i (or 0, 1, 2)")
+    p.add_argument("--redo", action="store_true", help="recompute finished cases too")
+    _everything_args(p)
+    _common(p)
+
+    p = sub.add_parser("uncertainty", help="mean probability and uncertainty over jittered copies of a prompt",
+                       description="Decode N randomly jittered copies of the box/points (SAM-U style) and write "
+                                   "the per-pixel uncertainty (entropy of the mean probability, or variance of "
+                                   "the N masks) and optionally the mean probability, on the prompted slice.")
+    p.add_argument("image", help="image file or DICOM folder")
+    _prompt_args(p)
+    g = p.add_argument_group("uncertainty")
+    g.add_argument("--prob-out", default=None, help="also write the mean probability map here")
+    g.add_argument("--samples", type=int, default=16, help="number of jittered prompts (default 16)")
+    g.add_argument("--jitter", type=float, default=0.1, help="jitter sd as a fraction of the box size (default 0.1)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (same seed, same result)")
+    g.add_argument("--measure", choices=["entropy", "variance"], default="entropy",
+                   help="entropy of the mean probability (bits, 0..1) or variance of the masks (0..0.25)")
+    _common(p)
+
+
+def cmd_everything(args: argparse.Namespace) -> int:
+    from . import io as sio
+    from .automatic import everything_volume
+    from .worker import CancelToken
+
+    volume, geometry = sio.read_volume(args.image)
+    axis = _axis(args.axis)
+    n = volume.shape[axis]
+    if args.slice is not None:
+        indices = [args.slice]
+    elif args.range is not None:
+        indices = list(range(max(0, args.range[0]), min(n - 1, args.range[1]) + 1))
+    else:
+        indices = list(range(n))
+    if not indices or not all(0 <= i < n for i in indices):
+        raise PromptError(f"No valid slice to process (axis {'kji'[axis]} has 0..{n - 1})", "check --slice/--range")
+    if Path(args.out).exists() and not args.overwrite:  # fail before minutes of work, not after
+        raise sio.ImageIOError(f"{args.out} already exists", "pass --overwrite or choose another name")
+    params = _everything_params(args)
+    with _session(args) as session:
+        session.set_volume(volume, window=_window(args.window), modality=args.modality)
+        cancel = CancelToken()
+        bar, update = _progress("everything", len(indices))
+        t0 = time.perf_counter()
+        try:
+            labels = everything_volume(session, axis, indices, params, link=not args.per_slice_labels,
+                                       link_iou=args.link_iou, progress=update, cancel=cancel)
+        except KeyboardInterrupt:
+            cancel.cancel()
+            raise
+        finally:
+            bar.close()
+        elapsed = time.perf_counter() - t0
+        count = len(np.unique(labels)) - (1 if (labels == 0).any() else 0)
+        dtype = np.uint16 if labels.max() < 2**16 else np.int32
+        sio.write_array(args.out, labels.astype(dtype), geometry, overwrite=args.overwrite, source_paths=[args.image])
+        print(f"{count} label(s) on {len(indices)} slice(s) in {elapsed:.1f} s "
+              f"({elapsed / len(indices):.2f} s/slice); labels written: {args.out}")
+        if args.png:
+            write_png_montage(args.png, session, labels, axis, indices, geometry, overwrite=args.overwrite)
+            print(f"Overlay written: {args.png}")
+    return 0
+
+
+def cmd_samaug(args: argparse.Namespace) -> int:
+    from .samaug import find_inputs, samaug_batch
+    from .worker import CancelToken
+
+    inputs = find_inputs(args.input_dir)
+    axis = _axis(args.axis)
+    params = _everything_params(args)
+    cancel = CancelToken()
+    with _session(args) as session:
+        cases_bar, cases_update = _progress("cases", len(inputs))
+        slices_bar, slices_update = _progress("slices", 0)
+        try:
+            summary = samaug_batch(inputs, args.out, session, axis, params, window=_window(args.window),
+                                   modality=args.modality, redo=args.redo, progress=cases_update,
+                                   slice_progress=slices_update, cancel=cancel)
+        except KeyboardInterrupt:
+            cancel.cancel()
+            print("interrupted; finished cases are kept, run the same command again to resume", file=sys.stderr)
+            return 130
+        finally:
+            slices_bar.close()
+            cases_bar.close()
+    print(f"{len(summary.done)} case(s) written, {len(summary.skipped)} already finished (skipped), "
+          f"{len(summary.failed)} failed, in {summary.seconds:.1f} s -> {args.out}")
+    for case, why in summary.failed.items():
+        print(f"  {case}: {why}", file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
+def cmd_uncertainty(args: argparse.Namespace) -> int:
+    from . import io as sio
+    from .uncertainty import prompt_uncertainty
+    from .volume import set_slice
+
+    volume, geometry = sio.read_volume(args.image)
+    for target in [args.out] + ([args.prob_out] if args.prob_out else []):
+        if Path(target).exists() and not args.overwrite:
+            raise sio.ImageIOError(f"{target} already exists", "pass --overwrite or choose another name")
+    with _session(args) as session:
+        session.set_volume(volume, window=_window(args.window), modality=args.modality)
+        ref, prompts = _slice_prompts(args, geometry, volume.shape)
+        t0 = time.perf_counter()
+        mean, unc = prompt_uncertainty(session, ref, prompts, n=args.samples, jitter=args.jitter, seed=args.seed,
+                                       measure=args.measure)
+        elapsed = time.perf_counter() - t0
+        unc_vol = np.zeros(volume.shape, dtype=np.float32)
+        set_slice(unc_vol, ref, unc)
+        sio.write_volume(args.out, unc_vol, geometry, overwrite=args.overwrite, source_paths=[args.image])
+        inside = mean > 0.5
+        print(f"Slice {ref.index} (axis {'kji'[ref.axis]}): {args.samples} jittered prompts in {elapsed:.2f} s; "
+              f"mean-mask {int(inside.sum())} pixels, mean {args.measure} {float(unc.mean()):.4f}, "
+              f"max {float(unc.max()):.4f}")
+        print(f"Uncertainty written: {args.out}")
+        if args.prob_out:
+            prob_vol = np.zeros(volume.shape, dtype=np.float32)
+            set_slice(prob_vol, ref, mean)
+            sio.write_volume(args.prob_out, prob_vol, geometry, overwrite=args.overwrite, source_paths=[args.image])
+            print(f"Mean probability written: {args.prob_out}")
+        if args.png:
+            mask = np.zeros(volume.shape, dtype=np.uint8)
+            set_slice(mask, ref, inside)
+            write_png_montage(args.png, session, mask, ref.axis, [ref.index], geometry, overwrite=args.overwrite)
+            print(f"Overlay written: {args.png}")
+    return 0
+
+
+COMMANDS.update({"everything": cmd_everything, "samaug": cmd_samaug, "uncertainty": cmd_uncertainty})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -23,7 +23,8 @@ def reference_box(mask2d: np.ndarray) -> list[float]:
 
 def run_demo(out_dir: str | Path, structure: str = "spleen", model: str | None = None,
              checkpoint: str | None = None, device: str | None = None, overwrite: bool = False,
-             window: Any = None, cache_bytes: int = 1 << 30, axis: int = 0) -> dict[str, Any]:
+             window: Any = None, cache_bytes: int = 1 << 30, axis: int = 0,
+             runtime: str | None = None) -> dict[str, Any]:
     from . import io as sio
     from . import sample_data
     from .cli import write_png_montage
@@ -54,7 +55,8 @@ def run_demo(out_dir: str | Path, structure: str = "spleen", model: str | None =
     box = reference_box(np.take(reference, anchor, axis))
 
     t0 = time.perf_counter()
-    with SegmentationSession(model=model, checkpoint=checkpoint, device=device, cache_bytes=cache_bytes) as session:
+    with SegmentationSession(model=model, checkpoint=checkpoint, device=device, cache_bytes=cache_bytes,
+                             runtime=runtime) as session:
         session.set_volume(volume, window=window)
         t_load = time.perf_counter() - t0
         first = session.predict(ref, Prompts(box=box))

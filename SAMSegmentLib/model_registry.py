@@ -36,6 +36,9 @@ class ModelSpec:
     weights: dict[str, Any] = field(default_factory=dict)
     license: str = ""
     citation: str = ""
+    # Box-trained models (LiteMedSAM, MedSAM) return nothing useful for points alone; points
+    # only refine a box. The interactive path refuses point-only prompts for them with a remedy.
+    needs_box: bool = False
 
     @property
     def needs_user_checkpoint(self) -> bool:

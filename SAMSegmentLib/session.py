@@ -4,12 +4,20 @@ Encoding a slice is the slow step (about a second on a laptop CPU); decoding a p
 of milliseconds. The session therefore encodes each slice at most once (``EmbeddingCache``),
 encodes neighbours in the background while the user works (``prefetch``), and reuses the last
 low-resolution logits when the user adds a corrective click, as SAM's interactive loop does.
+
+Two lanes: every encode runs on the inference worker (one thread, priority-ordered), and every
+decode of an already-cached slice runs on a second thread, the decode lane. A running encoder
+call cannot be interrupted, so with one thread a click arriving during a look-ahead encode waited
+for the rest of it (up to a second); on the decode lane it waits for at most the decode in front
+of it, and propagation can decode slice n while the worker encodes slice n+1.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import weakref
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -23,7 +31,8 @@ from .model_registry import default_model_id
 from .preprocessing import IntensityWindow, SliceGeometry, auto_window, clip_box, validate_prompt_geometry
 from .prompts import Prompts
 from .volume import SliceRef, check_slice_ref, get_slice, validate_volume, volume_signature
-from .worker import (PRIORITY_INTERACTIVE, PRIORITY_PREFETCH, CancelToken, InferenceWorker, ProgressCallback)
+from .worker import (PRIORITY_INTERACTIVE, PRIORITY_PREFETCH, PRIORITY_PROPAGATION, CancelToken, InferenceWorker,
+                     ProgressCallback)
 
 log = logging.getLogger(__name__)
 
@@ -44,19 +53,31 @@ class Prediction:
         return int(np.count_nonzero(self.mask))
 
 
+def _close_workers(*workers: InferenceWorker) -> None:
+    for worker in workers:
+        worker.close()
+
+
 class SegmentationSession:
     """Segment slices of one volume with one model; thread-safe for one GUI + the internal worker."""
 
     def __init__(self, model: str | SamBackend | None = None, checkpoint: str | Path | None = None,
                  device: str | None = None, cache_bytes: int = DEFAULT_BUDGET_BYTES,
                  cache_dir: str | Path | None = None, refine_with_logits: bool = True,
-                 fill_holes: bool = False, largest_component: bool = False) -> None:
+                 fill_holes: bool = False, largest_component: bool = False, runtime: str | None = None) -> None:
+        """``runtime``: "auto" (default, or ``$SAMSEGMENT_RUNTIME``), "eager" or "onnx" for a backend
+        built here from ``model``; ignored when ``model`` is an already-built ``SamBackend``."""
         if isinstance(model, SamBackend):
             self.backend = model
         else:
-            self.backend = SamBackend.from_model_id(model or default_model_id(), checkpoint, device)
+            self.backend = SamBackend.from_model_id(model or default_model_id(), checkpoint, device, runtime=runtime)
         self.cache = EmbeddingCache(cache_bytes, cache_dir)
         self.worker = InferenceWorker()
+        # decodes of cached slices: never queued behind an encoder call (see the module docstring)
+        self.decoder_lane = InferenceWorker(name="samsegment-decode")
+        # A session nobody closed must still stop its threads before the interpreter tears down:
+        # a daemon thread inside torch at exit aborts the process ("terminate called ...").
+        self._finalizer = weakref.finalize(self, _close_workers, self.worker, self.decoder_lane)
         self.refine_with_logits = refine_with_logits
         self.fill_holes = fill_holes
         self.largest_component = largest_component
@@ -79,7 +100,7 @@ class SegmentationSession:
 
     def close(self) -> None:
         self._prefetch_generation += 1
-        self.worker.close()
+        self._finalizer()
 
     @property
     def model_id(self) -> str:
@@ -160,6 +181,29 @@ class SegmentationSession:
         check_slice_ref(self.shape, ref)
         return self.worker.call(lambda: self._embedding_now(ref), priority)
 
+    def encode_async(self, ref: SliceRef, priority: int = PRIORITY_PROPAGATION) -> Future:
+        """Queue the encode of ``ref`` on the worker and return at once (propagation's look-ahead).
+
+        The future resolves to True when an encode was needed, False when the slice was already
+        cached; cancelling it before it starts drops the encode. Unlike ``prefetch`` it does not
+        supersede other queued look-ahead, so several propagation fronts can each keep one slice
+        ahead.
+        """
+        check_slice_ref(self.shape, ref)
+        key = self._key(ref)
+        if key in self.cache:
+            done: Future = Future()
+            done.set_result(False)
+            return done
+
+        def run() -> bool:
+            if key in self.cache or self.is_constant(ref):
+                return False
+            self._embedding_now(ref)
+            return True
+
+        return self.worker.submit(run, priority)
+
     def prefetch(self, around: SliceRef, radius: int = 2, direction: int = 0) -> int:
         """Queue background encodes of the neighbours of ``around``, nearest first.
 
@@ -229,7 +273,13 @@ class SegmentationSession:
                               "there is nothing to segment on it", "choose another slice or widen the intensity window")
 
         def run() -> Prediction:
-            emb = self._embedding_now(ref)
+            emb = None
+            if threading.current_thread() is self.decoder_lane.thread:
+                emb = self.cache.get(self._key(ref))
+                if emb is None:  # evicted since it was queued here: encode on the worker, as for any miss
+                    emb = self.worker.call(lambda: self._embedding_now(ref), priority)
+            else:
+                emb = self._embedding_now(ref)
             geom = self.geometry(ref)
             single_point = prompts.box is None and len(prompts.points) == 1
             multimask = single_point and mask_input is None and self.backend.spec.architecture != "litemedsam"
@@ -242,7 +292,10 @@ class SegmentationSession:
                 mask = postprocess(mask, fill_holes=self.fill_holes, largest_component=self.largest_component)
             return Prediction(ref, mask, out.score, out.low_res_logits, out.logits, prompts)
 
-        pred = self.worker.call(run, priority)
+        # a cached slice is decoded on the decode lane, so the decode never waits for an encoder
+        # call running (or queued ahead of it) on the worker; a slice to encode first goes to the worker
+        lane = self.decoder_lane if self.is_cached(ref) else self.worker
+        pred = lane.call(run, priority)
         if record:
             with self._lock:
                 self._history.setdefault(ref, []).append(pred)
@@ -256,6 +309,11 @@ class SegmentationSession:
         mask prompt, so a corrective click edits the mask instead of starting over.
         """
         check_slice_ref(self.shape, ref)
+        if self.backend.spec.needs_box and prompts.box is None and len(prompts.points):
+            self._check_prompts(ref, prompts)  # a point outside the slice is reported as such first
+            raise PromptError(f"{self.backend.spec.name} segments from a box; points alone give no reliable mask",
+                              "drag a box around the structure first (points then refine it), "
+                              "or choose a SAM model for click-only prompts")
         mask_input = None
         with self._lock:
             history = self._history.get(ref)

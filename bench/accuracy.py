@@ -20,7 +20,7 @@ import numpy as np
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 from SAMSegmentLib import io as sio  # noqa: E402
-from SAMSegmentLib.propagation import dice, propagate  # noqa: E402
+from SAMSegmentLib.propagation import PromptPolicy, dice, propagate  # noqa: E402
 from SAMSegmentLib.prompts import Prompts  # noqa: E402
 from SAMSegmentLib.session import SegmentationSession  # noqa: E402
 from SAMSegmentLib.volume import SliceRef  # noqa: E402
@@ -29,6 +29,9 @@ DEFAULTS = {"ct-abdomen-3mm": ["spleen", "liver", "kidney_left", "kidney_right",
             "mr-abdomen-3mm": ["liver", "spleen", "aorta", "kidney_left", "kidney_right"]}
 TARGETS = {("ct-abdomen-3mm", "spleen"): 0.96, ("ct-abdomen-3mm", "liver"): 0.93,
            ("ct-abdomen-3mm", "kidney_left"): 0.94}
+# Fixed prompt rules for comparison (the default PromptPolicy is what "dice" reports).
+FIXED = {"dice_fixed_3px": PromptPolicy(paddings=((3.0, 0.0),), mask_threshold=0.0),
+         "dice_fixed_10pct": PromptPolicy(paddings=((0.0, 0.10),), mask_threshold=0.0)}
 
 
 def box_of(mask2d: np.ndarray) -> list[float]:
@@ -47,10 +50,14 @@ def evaluate(session: SegmentationSession, labels: np.ndarray, value: int) -> di
     result = propagate(session, 0, {k: anchor})
     seg = result.to_volume(labels.shape, {k: anchor})
     seconds = time.perf_counter() - t0
+    fixed = {}
+    for key, policy in FIXED.items():
+        other = propagate(session, 0, {k: anchor}, policy=policy)
+        fixed[key] = round(dice(other.to_volume(labels.shape, {k: anchor}), ref3), 4)
     oracle = np.zeros_like(ref3)
     for i in np.nonzero(ref3.any(axis=(1, 2)))[0]:
         oracle[i] = session.predict(SliceRef(0, int(i)), Prompts(box=box_of(ref3[i])), refine=False).mask
-    return {"dice": round(dice(seg, ref3), 4), "oracle_dice": round(dice(oracle, ref3), 4),
+    return {"dice": round(dice(seg, ref3), 4), **fixed, "oracle_dice": round(dice(oracle, ref3), 4),
             "anchor_slice": k, "slices_written": len(result.masks) + 1,
             "reference_slices": int(ref3.any(axis=(1, 2)).sum()),
             "stops": [[s.direction, s.last_index, s.reason.name] for s in result.stops],
@@ -61,10 +68,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     parser.add_argument("--model", default="litemedsam")
+    parser.add_argument("--cache-dir", default=None, help="disk tier of the embedding cache, reused across runs; "
+                        "'{dataset}' in it is replaced by the sample's name, else one sub-folder per sample")
     args = parser.parse_args()
     report = {"model": args.model, "datasets": {}}
-    with SegmentationSession(model=args.model) as session:
-        for name, structures in DEFAULTS.items():
+    for name, structures in DEFAULTS.items():
+        cache_dir = None
+        if args.cache_dir is not None:
+            cache_dir = Path(args.cache_dir.format(dataset=name)) if "{dataset}" in args.cache_dir else Path(args.cache_dir) / name
+        with SegmentationSession(model=args.model, cache_dir=cache_dir, cache_bytes=4 << 30) as session:
             folder = Path(args.data) / name
             if not folder.exists():
                 print(f"skipping {folder}: not found", file=sys.stderr)

@@ -2,6 +2,9 @@
 prompt, measured side by side in one run; and the cache's memory while a 400-slice volume is
 walked. Prints JSON.
 
+The session is built with the default runtime choice ("auto", or $SAMSEGMENT_RUNTIME), as a
+user gets it; the JSON says what that resolved to for the encoder and the decoder.
+
 Usage: python bench/speed.py [--size 512] [--prompts 40] [--walk 400] [--full-walk]
 """
 
@@ -73,6 +76,7 @@ def main() -> None:
         session.set_volume(vol)
         ref = SliceRef(0, 1)
         backend = session.backend
+        runtime = backend.prepare_runtime()  # load (or export once) the graphs before anything is timed
         session.predict(ref, random_prompt(), refine=False)  # encode once + warm up
         for _ in range(3):
             session.predict(ref, random_prompt(), refine=False)
@@ -94,6 +98,7 @@ def main() -> None:
             naive.append(time.perf_counter() - t0)
         report["prompt_to_mask"] = {
             "slice": [s, s], "model": session.model_id, "device": backend.device,
+            "runtime": {k: runtime[k] for k in ("requested", "encoder", "decoder")},
             "cached_ms": {"p50": round(1000 * percentile(cached, 50), 1), "p95": round(1000 * percentile(cached, 95), 1),
                           "n": len(cached)},
             "naive_reencode_ms": {"p50": round(1000 * percentile(naive, 50), 1),

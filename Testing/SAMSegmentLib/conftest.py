@@ -12,6 +12,9 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+# Exported ONNX graphs go to the (git-ignored) pytest cache of this checkout, not the user's
+# ~/.cache: tests never touch a user's real cache, and reruns still reuse the graphs.
+os.environ.setdefault("SAMSEGMENT_CACHE", str(HERE.parents[1] / ".pytest_cache" / "samsegment"))
 warnings.filterwarnings("ignore", category=FutureWarning, module="timm")
 
 
@@ -60,3 +63,21 @@ def phantom():
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def disks_everything(backend):
+    """(session, volume, disk masks, regions of slice 0) of the three-disk phantom, everything mode
+    with a 5 x 5 box grid: computed once for the automatic and SAMAug tests."""
+    from phantoms import disks_ct
+
+    from SAMSegmentLib.automatic import EverythingParams, everything_slice
+    from SAMSegmentLib.session import SegmentationSession
+    from SAMSegmentLib.volume import SliceRef
+
+    vol, masks = disks_ct()
+    s = SegmentationSession(model=backend)
+    s.set_volume(vol)
+    regions = everything_slice(s, SliceRef(0, 0), EverythingParams(points_per_side=5, box_scales=(0.25,)))
+    yield s, vol, masks, regions
+    s.close()

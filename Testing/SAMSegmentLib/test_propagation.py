@@ -151,3 +151,19 @@ def test_sample_ct_spleen_golden(session, sample_ct):
     a = anchor_mask(session, ref3, k)
     result = propagate(session, 0, {k: a})
     assert dice(result.to_volume(vol.shape, {k: a}), ref3) >= 0.95
+
+
+def test_policy_rethresholds_the_chosen_mask_from_its_logits():
+    """The default policy keeps ``logits > mask_threshold`` (0.5): the +3 px box makes LiteMedSAM
+    add a ~1 px rim that would otherwise feed forward slice after slice."""
+    from SAMSegmentLib.propagation import PromptPolicy
+    from SAMSegmentLib.session import Prediction
+
+    logits = np.array([[-1.0, 0.2, 0.6], [0.4, 2.0, 0.9]], dtype=np.float32)
+    pred = Prediction(ref=SliceRef(0, 0), mask=logits > 0, score=0.9, low_res_logits=None, logits=logits)
+    policy = PromptPolicy()
+    assert policy.mask_threshold == 0.5
+    name, chosen = policy.choose(np.ones((2, 3), bool), [("box+3px/0%", pred)])
+    assert name == "box+3px/0%"
+    assert chosen.mask.tolist() == [[False, False, True], [False, True, True]]
+    assert PromptPolicy(mask_threshold=0.0).choose(logits > 0, [("a", pred)])[1] is pred

@@ -132,6 +132,21 @@ def test_bad_prompts_are_refused_with_reasons(session, phantom):
     assert session.encode_count == 0  # nothing reached the model
 
 
+def test_box_trained_model_refuses_points_alone_and_refines_a_box_with_them(session, phantom):
+    vol, mask = phantom
+    session.set_volume(vol)
+    ys, xs = np.nonzero(mask[12])
+    centre = (float(xs.mean()), float(ys.mean()))
+    assert session.backend.spec.needs_box
+    with pytest.raises(PromptError, match="segments from a box.*drag a box"):
+        session.predict(SliceRef(0, 12), Prompts.from_lists([centre]))
+    box = Prompts(box=box_of(mask[12]))
+    full = session.predict(SliceRef(0, 12), box)
+    # an exclude point inside the object removes area around it: points refine the box
+    cut = session.predict(SliceRef(0, 12), box.with_point(xs.min() + 2, centre[1], 0))
+    assert cut.area < full.area
+
+
 def test_constant_slice_is_refused(session, phantom):
     vol, _ = phantom
     vol = vol.copy()
@@ -160,3 +175,28 @@ def test_postprocessing_options(backend, phantom):
 
         assert ndimage.label(pred.mask)[1] == 1
         assert np.array_equal(ndimage.binary_fill_holes(pred.mask), pred.mask)
+
+
+def test_exit_without_close_while_prefetching_is_clean(tmp_path):
+    """A script that never closes its session must exit normally, even with encodes in flight
+    (a daemon thread inside torch at interpreter exit aborts the process)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "no_close.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
+        "from phantoms import disks_ct\n"
+        "from SAMSegmentLib.session import SegmentationSession\n"
+        "from SAMSegmentLib.prompts import Prompts\n"
+        "from SAMSegmentLib.volume import SliceRef\n"
+        "vol, _ = disks_ct(shape=(5, 96, 96))\n"
+        "s = SegmentationSession(runtime='eager')\n"
+        "s.set_volume(vol, (-160, 240))\n"
+        "s.predict(SliceRef(0, 2), Prompts(box=[10, 10, 50, 50]))\n"
+        "s.prefetch(SliceRef(0, 2), radius=2)\n")
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, str(script)], cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

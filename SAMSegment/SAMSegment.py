@@ -1,0 +1,547 @@
+"""SAMSegment: interactive Segment Anything (LiteMedSAM, SAM, MedSAM) segmentation in 3D Slicer.
+
+The five classes Slicer expects, each kept thin: every decision is in ``SAMSegmentSlicer`` (MRML
+logic, geometry, prompts, segment writes, effect interaction, dependencies), which is tested on
+headless MRML, and in the ``SAMSegmentLib`` engine. The widget only builds the panel, forwards
+events and shows state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Annotated, Optional
+
+import ctk
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLMarkupsFiducialNode, vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
+
+MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+if MODULE_DIR not in sys.path:  # SAMSegmentSlicer sits beside this file
+    sys.path.insert(0, MODULE_DIR)
+# An installed extension has SAMSegmentLib beside the module (on sys.path already); a source
+# checkout loaded with --additional-module-paths has it one level up.
+_SOURCE_ROOT = os.path.dirname(MODULE_DIR)
+if os.path.isdir(os.path.join(_SOURCE_ROOT, "SAMSegmentLib")) and _SOURCE_ROOT not in sys.path:
+    sys.path.append(_SOURCE_ROOT)
+
+EFFECT_SOURCE = os.path.join(MODULE_DIR, "SAMSegmentSlicer", "SegmentEditorSAMEffect.py").replace("\\", "/")
+
+
+# --------------------------------------------------------------------------------------------- module
+class SAMSegment(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "SAMSegment"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = ["Segmentations", "Markups"]
+        self.parent.contributors = ["SAMSegment developers"]
+        self.parent.helpText = (
+            "Segment structures with Segment Anything models (LiteMedSAM by default, offline): drag a box "
+            "(ROI) on any slice view, refine with include/exclude points, accept, then propagate through "
+            "adjacent slices. Also available as the 'SAM' effect in the Segment Editor. "
+            '<a href="https://github.com/samsegment/SlicerSAMSegment">Documentation</a>.')
+        self.parent.acknowledgementText = (
+            "LiteMedSAM and MedSAM: Ma J. et al., Nature Communications 2024. Segment Anything: Kirillov A. et al., "
+            "ICCV 2023.")
+        slicer.app.connect("startupCompleted()", registerSegmentEditorEffect)
+
+
+def registerSegmentEditorEffect() -> None:
+    """Add the "SAM" effect to the Segment Editor (runs once Slicer has started)."""
+    try:
+        import qSlicerSegmentationsEditorEffectsPythonQt as effects
+    except ImportError:  # Slicer without the Segment Editor (e.g. a custom app)
+        logging.warning("SAMSegment: Segment Editor effects are unavailable; the SAM effect is not registered")
+        return
+    instance = effects.qSlicerSegmentEditorScriptedEffect(None)
+    instance.setPythonSource(EFFECT_SOURCE)
+    instance.self().register()
+
+
+# --------------------------------------------------------------------------------------------- parameters
+@parameterNodeWrapper
+class SAMSegmentParameterNode:
+    """GUI state saved with the scene, so a reloaded scene comes back as the user left it."""
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    segmentation: vtkMRMLSegmentationNode
+    segmentID: str = ""
+    model: str = "litemedsam"
+    checkpoint: str = ""
+    device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
+    windowFromDisplay: bool = True
+    includePoints: vtkMRMLMarkupsFiducialNode
+    excludePoints: vtkMRMLMarkupsFiducialNode
+    boxROI: vtkMRMLMarkupsROINode
+    direction: Annotated[str, Choice(["both", "up", "down"])] = "both"
+    limitRange: bool = False
+    rangeFirst: Annotated[int, WithinRange(0, 100000)] = 0
+    rangeLast: Annotated[int, WithinRange(0, 100000)] = 100000
+    minIoU: Annotated[float, WithinRange(0.0, 1.0)] = 0.2
+    minScore: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
+    minIntensityAgreement: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+
+
+# --------------------------------------------------------------------------------------------- widget
+class SAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic: Optional[SAMSegmentLogic] = None
+        self._parameterNode: Optional[SAMSegmentParameterNode] = None
+        self._parameterNodeGuiTag = None
+        self._job = None
+        self._task = None
+        self.timer = qt.QTimer()
+        self.timer.setInterval(40)
+        self.timer.connect("timeout()", self.onTimer)
+
+    # ---------------------------------------------------------------- panel
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        self.logic = SAMSegmentLogic()
+        self.logic.on_error = lambda exc: self.setStatus(str(exc), error=True)
+        self.ui = _build_panel(self.layout)
+        self.ui.modelSelector.addItems(self.logic.model_ids())
+        self.ui.applyButton.connect("clicked()", self.onAccept)
+        self.ui.undoButton.connect("clicked()", self.onUndo)
+        self.ui.clearButton.connect("clicked()", self.onClear)
+        self.ui.propagateButton.connect("clicked()", self.onPropagate)
+        self.ui.cancelButton.connect("clicked()", self.onCancel)
+        self.ui.loadModelButton.connect("clicked()", self.onLoadModel)
+        self.ui.everythingSliceButton.connect("clicked()", lambda: self.onEverything(volume=False))
+        self.ui.everythingVolumeButton.connect("clicked()", lambda: self.onEverything(volume=True))
+        self.ui.samaugButton.connect("clicked()", self.onSAMAug)
+        self.ui.uncertaintyCheck.connect("toggled(bool)", self.onUncertainty)
+        self.ui.segmentSelector.connect("currentSegmentChanged(QString)", self.onSegmentChanged)
+        self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)",
+                                             lambda node: self.ui.segmentSelector.setCurrentNode(node))
+        for combo, name in ((self.ui.modelSelector, "model"), (self.ui.deviceSelector, "device"),
+                            (self.ui.directionSelector, "direction")):
+            combo.connect("currentTextChanged(QString)", lambda text, n=name: self.onTextParameterChanged(n, text))
+        self.ui.checkpointPath.connect("currentPathChanged(QString)",
+                                       lambda path: self.onTextParameterChanged("checkpoint", path))
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.initializeParameterNode()
+        self.timer.start()
+
+    def cleanup(self) -> None:
+        self.timer.stop()
+        self.removeObservers()
+        if self.logic is not None:
+            self.logic.close()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode is not None and self._parameterNodeGuiTag is not None:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        p = self._parameterNode
+        if not p.inputVolume:
+            p.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+
+    def setParameterNode(self, node) -> None:
+        if self._parameterNode is not None and self._parameterNodeGuiTag is not None:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+        self._parameterNode = node
+        if node is not None:
+            # Widgets with a standard parameter-node connector; the rest are synced by hand below.
+            self._parameterNodeGuiTag = node.connectParametersToGui({
+                "inputVolume": self.ui.volumeSelector, "segmentation": self.ui.segmentationSelector,
+                "windowFromDisplay": self.ui.windowCheck,
+                "includePoints": self.ui.includePlace.markupsSelectorComboBox(),
+                "excludePoints": self.ui.excludePlace.markupsSelectorComboBox(),
+                "boxROI": self.ui.boxPlace.markupsSelectorComboBox(),
+                "limitRange": self.ui.limitRangeCheck, "rangeFirst": self.ui.rangeFirst,
+                "rangeLast": self.ui.rangeLast, "minIoU": self.ui.minIoU, "minScore": self.ui.minScore,
+                "minIntensityAgreement": self.ui.minIntensity})
+            for combo, name in ((self.ui.modelSelector, "model"), (self.ui.deviceSelector, "device"),
+                                (self.ui.directionSelector, "direction")):
+                combo.setCurrentText(getattr(node, name))
+            self.ui.checkpointPath.currentPath = node.checkpoint
+
+    def onTextParameterChanged(self, name: str, value: str) -> None:
+        if self._parameterNode is not None:
+            setattr(self._parameterNode, name, str(value))
+
+    # ---------------------------------------------------------------- helpers
+    def setStatus(self, text: str, error: bool = False) -> None:
+        self.ui.statusLabel.setText(text)
+        self.ui.statusLabel.setStyleSheet("color: #c0392b" if error else "")
+
+    def _bind(self) -> bool:
+        """Bind the logic to the selected nodes (asking to install packages on first use)."""
+        from SAMSegmentSlicer.dependencies import DependencyError
+
+        p = self._parameterNode
+        try:
+            ready = self.logic.ensure_dependencies(lambda msg: slicer.util.confirmOkCancelDisplay(msg))
+        except DependencyError as exc:
+            slicer.util.errorDisplay(str(exc))
+            ready = False
+        if not ready:
+            self.setStatus("Python packages are missing; SAMSegment cannot run yet.", error=True)
+            return False
+        with slicer.util.tryWithErrorDisplay("Could not prepare SAMSegment", waitCursor=True):
+            self.logic.configure_from_parameters(p, self.ui.segmentSelector.currentSegmentID())
+            if self.ui.segmentSelector.currentSegmentID() != self.logic.segment_id:
+                self.ui.segmentSelector.setCurrentSegmentID(self.logic.segment_id)
+            self.logic.watch_markups(self.activeView)
+            return True
+        return False
+
+    def activeView(self):
+        """The view the last-changed prompt was placed in (its plane contains the point)."""
+        return self.logic.active_view(list(slicer.util.getNodesByClass("vtkMRMLSliceNode")))
+
+    # ---------------------------------------------------------------- actions
+    def onLoadModel(self) -> None:
+        self._bind()
+        self.updateCacheStatus()
+
+    def onSegmentChanged(self, segmentID) -> None:
+        if self.logic.segmentation_node is not None and segmentID:
+            self.logic.set_segment(segmentID)
+
+    def onAccept(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Could not apply the mask"):
+            n = self.logic.accept()
+            self.setStatus(f"Applied {n} voxels to '{self.logic.segment_name()}'. Ctrl+Z in the Segment Editor or "
+                           "Undo here reverts it.")
+
+    def onUndo(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Nothing to undo"):
+            if self.logic.current is not None:
+                self.logic.undo_prompt()
+            elif not self.logic.undo_edit():
+                self.setStatus("Nothing to undo.")
+
+    def onClear(self) -> None:
+        self.logic.clear()
+        self.setStatus("Prompts cleared.")
+
+    def onPropagate(self) -> None:
+        if self.logic.segmentation_node is None and not self._bind():
+            return
+        with slicer.util.tryWithErrorDisplay("Could not start propagation"):
+            self._job = self.logic.start_propagation(self._parameterNode.direction,
+                                                     rules=self.logic.rules_from_parameters(self._parameterNode))
+            self.ui.propagateButton.enabled = False
+            self.ui.cancelButton.enabled = True
+            self.ui.progressBar.setValue(0)
+
+    def onCancel(self) -> None:
+        if self._job is not None:
+            self._job.cancel.cancel()
+            self.setStatus("Cancelling; slices already written stay (one Undo removes them all).")
+        if self._task is not None:
+            self._task.cancel.cancel()
+            self.setStatus(f"Cancelling {self._task.name}; nothing is added to the scene.")
+
+    def _startTask(self, name, compute, finish) -> None:
+        if self._task is not None or (self.logic.session is None and not self._bind()):
+            return
+        with slicer.util.tryWithErrorDisplay(f"Could not start {name}"):
+            self._task = self.logic.start_task(name, compute, finish)
+            self.ui.cancelButton.enabled = True
+            self.ui.progressBar.setValue(0)
+            self.setStatus(f"{name} running...")
+
+    def onEverything(self, volume: bool) -> None:
+        from SAMSegmentSlicer import research_nodes
+
+        view = self.logic.current_view or self.activeView()
+        if view is None:
+            layout = slicer.app.layoutManager()
+            view = self.logic.view_slice(layout.sliceWidget("Red").mrmlSliceNode())
+        kwargs = {"axis": view.axis} if volume else {"view": view}
+        self._startTask("everything mode",
+                        lambda progress, cancel: research_nodes.everything_labels(self.logic, progress=progress,
+                                                                                  cancel=cancel, **kwargs),
+                        lambda result: research_nodes.labels_to_segmentation(slicer.mrmlScene, self.logic.volume_node,
+                                                                             *result))
+
+    def onSAMAug(self) -> None:
+        from SAMSegmentSlicer import research_nodes
+
+        axis = self.logic.current_view.axis if self.logic.current_view is not None else 0
+        self._startTask("SAMAug priors",
+                        lambda progress, cancel: research_nodes.samaug_arrays(self.logic, axis, progress=progress,
+                                                                              cancel=cancel),
+                        lambda priors: research_nodes.priors_to_volumes(self.logic, *priors))
+
+    def onUncertainty(self, checked: bool) -> None:
+        from SAMSegmentSlicer import research_nodes
+
+        if not checked:
+            if self.logic.preview is not None:
+                self.logic.preview.set_uncertainty_visible(False)
+            return
+        with slicer.util.tryWithErrorDisplay("Could not compute the uncertainty", waitCursor=True):
+            _, entropy = research_nodes.show_uncertainty(self.logic)
+            share = float((entropy >= research_nodes.UNCERTAIN_ENTROPY_BITS).mean())
+            self.setStatus(f"Uncertain pixels outlined in yellow ({100 * share:.1f}% of the slice).")
+
+    def onTimer(self) -> None:
+        if self.logic is None:
+            return
+        try:
+            if self.logic.poll() is not None:
+                pred = self.logic.current
+                self.setStatus(f"Proposal on slice {self.logic.current_view.index}: {pred.area} px, "
+                               f"score {pred.score:.2f}. Apply to keep it.")
+        except Exception as exc:  # noqa: BLE001 - shown, not raised into Qt
+            self.setStatus(str(exc), error=True)
+        if self._task is not None:
+            try:
+                done = self.logic.poll_task(self._task)
+            except Exception as exc:  # noqa: BLE001 - cancelled or failed: a message, no partial nodes
+                self.setStatus(f"{self._task.name} stopped: {exc}", error=True)
+                done = True
+            count, total, _ = self._task.progress
+            if total:
+                self.ui.progressBar.setValue(int(100 * count / total))
+            if done:
+                if self._task.error is None:
+                    self.setStatus(f"{self._task.name} finished.")
+                self._task = None
+                self.ui.cancelButton.enabled = self._job is not None
+        if self._job is not None:
+            try:
+                self.logic.poll_propagation(self._job)
+            except Exception as exc:  # noqa: BLE001
+                self.setStatus(f"Propagation failed: {exc}", error=True)
+            done, total, message = self._job.progress
+            if total:
+                self.ui.progressBar.setValue(int(100 * done / total))
+            if self._job.finished:
+                self.setStatus(self.logic.describe_job(self._job))
+                self.ui.propagateButton.enabled = True
+                self.ui.cancelButton.enabled = False
+                self._job = None
+            self.updateCacheStatus()
+
+    def updateCacheStatus(self) -> None:
+        status = self.logic.cache_status()
+        self.ui.cacheLabel.setText(f"{status['slices']} slices cached, {status['mib']:.0f} MiB")
+
+
+def _build_panel(layout):
+    """The module panel, built in code (one place, no .ui file to keep in sync)."""
+
+    class UI:
+        pass
+
+    ui = UI()
+    inputs = ctk.ctkCollapsibleButton()
+    inputs.text = "Inputs"
+    layout.addWidget(inputs)
+    form = qt.QFormLayout(inputs)
+    ui.volumeSelector = _node_combo(["vtkMRMLScalarVolumeNode"], "Volume to segment (never modified).")
+    form.addRow("Source volume:", ui.volumeSelector)
+    ui.segmentationSelector = _node_combo(["vtkMRMLSegmentationNode"], "Segmentation that receives the masks.",
+                                          add=True)
+    form.addRow("Segmentation:", ui.segmentationSelector)
+    ui.segmentSelector = slicer.qMRMLSegmentSelectorWidget()
+    ui.segmentSelector.setMRMLScene(slicer.mrmlScene)
+    ui.segmentSelector.noneEnabled = True
+    form.addRow("Segment:", ui.segmentSelector)
+
+    model = ctk.ctkCollapsibleButton()
+    model.text = "Model"
+    layout.addWidget(model)
+    form = qt.QFormLayout(model)
+    ui.modelSelector = qt.QComboBox()
+    ui.modelSelector.toolTip = "LiteMedSAM is packaged and works offline; SAM/MedSAM need a checkpoint file."
+    form.addRow("Model:", ui.modelSelector)
+    ui.checkpointPath = ctk.ctkPathLineEdit()
+    ui.checkpointPath.filters = ctk.ctkPathLineEdit.Files
+    ui.checkpointPath.nameFilters = ["PyTorch checkpoint (*.pth *.pt)"]
+    form.addRow("Checkpoint:", ui.checkpointPath)
+    ui.deviceSelector = qt.QComboBox()
+    ui.deviceSelector.addItems(["auto", "cpu", "cuda", "mps"])
+    form.addRow("Device:", ui.deviceSelector)
+    ui.windowCheck = qt.QCheckBox("Use the volume's window/level")
+    ui.windowCheck.toolTip = "SAM sees the contrast shown in the views; uncheck for an automatic window."
+    form.addRow(ui.windowCheck)
+    ui.loadModelButton = qt.QPushButton("Start")
+    ui.loadModelButton.toolTip = "Load the model and the volume, and start watching the prompts."
+    form.addRow(ui.loadModelButton)
+    ui.cacheLabel = qt.QLabel("0 slices cached")
+    form.addRow("Cache:", ui.cacheLabel)
+
+    prompts = ctk.ctkCollapsibleButton()
+    prompts.text = "Prompts"
+    layout.addWidget(prompts)
+    form = qt.QFormLayout(prompts)
+    ui.boxPlace = _place_widget("vtkMRMLMarkupsROINode", "Drag a box around the structure on any slice view.")
+    form.addRow("Box:", ui.boxPlace)
+    ui.includePlace = _place_widget("vtkMRMLMarkupsFiducialNode", "Points that must be inside.")
+    form.addRow("Include points:", ui.includePlace)
+    ui.excludePlace = _place_widget("vtkMRMLMarkupsFiducialNode", "Points that must be outside.")
+    form.addRow("Exclude points:", ui.excludePlace)
+    row = qt.QHBoxLayout()
+    ui.applyButton = qt.QPushButton("Accept")
+    ui.undoButton = qt.QPushButton("Undo")
+    ui.clearButton = qt.QPushButton("Clear")
+    for b in (ui.applyButton, ui.undoButton, ui.clearButton):
+        row.addWidget(b)
+    form.addRow(row)
+
+    propagation = ctk.ctkCollapsibleButton()
+    propagation.text = "Propagate"
+    layout.addWidget(propagation)
+    form = qt.QFormLayout(propagation)
+    ui.directionSelector = qt.QComboBox()
+    ui.directionSelector.addItems(["both", "up", "down"])
+    form.addRow("Direction:", ui.directionSelector)
+    ui.limitRangeCheck = qt.QCheckBox("Limit to slices")
+    ui.rangeFirst, ui.rangeLast = qt.QSpinBox(), qt.QSpinBox()
+    for spin in (ui.rangeFirst, ui.rangeLast):
+        spin.maximum = 100000
+    row = qt.QHBoxLayout()
+    row.addWidget(ui.limitRangeCheck)
+    row.addWidget(ui.rangeFirst)
+    row.addWidget(ui.rangeLast)
+    form.addRow(row)
+    ui.minIoU, ui.minScore, ui.minIntensity = (ctk.ctkSliderWidget() for _ in range(3))
+    for slider, tip in ((ui.minIoU, "Stop when the mask overlaps the previous slice's less than this."),
+                        (ui.minScore, "Stop when the model's predicted quality falls below this."),
+                        (ui.minIntensity, "Stop when the mask's intensities stop matching the accepted slice.")):
+        slider.minimum, slider.maximum, slider.singleStep, slider.decimals = 0.0, 1.0, 0.05, 2
+        slider.toolTip = tip
+    form.addRow("Min IoU with previous:", ui.minIoU)
+    form.addRow("Min score:", ui.minScore)
+    form.addRow("Min intensity agreement:", ui.minIntensity)
+    row = qt.QHBoxLayout()
+    ui.propagateButton = qt.QPushButton("Propagate")
+    ui.cancelButton = qt.QPushButton("Cancel")
+    ui.cancelButton.enabled = False
+    row.addWidget(ui.propagateButton)
+    row.addWidget(ui.cancelButton)
+    form.addRow(row)
+    ui.progressBar = qt.QProgressBar()
+    form.addRow(ui.progressBar)
+
+    automatic = ctk.ctkCollapsibleButton()
+    automatic.text = "Automatic and uncertainty"
+    automatic.collapsed = True
+    layout.addWidget(automatic)
+    form = qt.QFormLayout(automatic)
+    row = qt.QHBoxLayout()
+    ui.everythingSliceButton = qt.QPushButton("Everything: this slice")
+    ui.everythingSliceButton.toolTip = "Grid of prompts on the current slice; one new segment per region found."
+    ui.everythingVolumeButton = qt.QPushButton("Everything: all slices")
+    ui.everythingVolumeButton.toolTip = "Every slice along the view's axis, regions linked across slices."
+    row.addWidget(ui.everythingSliceButton)
+    row.addWidget(ui.everythingVolumeButton)
+    form.addRow(row)
+    ui.samaugButton = qt.QPushButton("SAMAug prior maps")
+    ui.samaugButton.toolTip = ("Segmentation and boundary prior maps (SAMAug, Zhang et al. 2023) as new volumes "
+                               "with the source geometry.")
+    form.addRow(ui.samaugButton)
+    ui.uncertaintyCheck = qt.QCheckBox("Show prompt uncertainty")
+    ui.uncertaintyCheck.toolTip = ("Re-run the current prompt with jittered boxes/points and outline the pixels "
+                                   "where the results disagree.")
+    form.addRow(ui.uncertaintyCheck)
+
+    ui.statusLabel = qt.QLabel("Select a volume, press Start, then drag a box on a slice view.")
+    ui.statusLabel.wordWrap = True
+    layout.addWidget(ui.statusLabel)
+    layout.addStretch(1)
+    return ui
+
+
+def _node_combo(classes, tip, add=False):
+    combo = slicer.qMRMLNodeComboBox()
+    combo.nodeTypes = classes
+    combo.selectNodeUponCreation = True
+    combo.addEnabled = add
+    combo.removeEnabled = False
+    combo.noneEnabled = add
+    combo.showHidden = False
+    combo.setMRMLScene(slicer.mrmlScene)
+    combo.toolTip = tip
+    return combo
+
+
+def _place_widget(node_class, tip):
+    widget = slicer.qSlicerSimpleMarkupsWidget()
+    widget.setMRMLScene(slicer.mrmlScene)
+    widget.markupsSelectorComboBox().nodeTypes = [node_class]
+    widget.toolTip = tip
+    return widget
+
+
+# --------------------------------------------------------------------------------------------- logic
+from SAMSegmentSlicer.logic import SAMSegmentCore  # noqa: E402 - needs MODULE_DIR on sys.path
+
+
+class SAMSegmentLogic(ScriptedLoadableModuleLogic, SAMSegmentCore):
+    """Scripted-module logic; all behaviour is SAMSegmentCore's, usable from the Python console."""
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        SAMSegmentCore.__init__(self, slicer.mrmlScene, slicer.app.applicationLogic())
+
+    def getParameterNode(self):
+        return SAMSegmentParameterNode(super().getParameterNode())
+
+
+# --------------------------------------------------------------------------------------------- test
+class SAMSegmentTest(ScriptedLoadableModuleTest):
+    """Runs inside Slicer: the module logic and the SAM effect on a generated oblique volume.
+
+    Headless: Testing/SAMSegmentSlicer/slicer_selftest.py, run by the command in the README.
+    """
+
+    def setUp(self) -> None:
+        slicer.mrmlScene.Clear()
+
+    def runTest(self) -> None:
+        self.setUp()
+        self.test_logic_box_accept_propagate_undo()
+        self.setUp()
+        self.test_segment_editor_effect()
+
+    def test_logic_box_accept_propagate_undo(self) -> None:
+        from SAMSegmentSlicer.selftest import run_logic_flow
+
+        self.delayDisplay("SAMSegment logic: box, accept, propagate, undo")
+        report = run_logic_flow(slicer.mrmlScene, SAMSegmentLogic())
+        self.assertGreater(report["slice_dice"], 0.9)
+        self.assertGreater(report["volume_dice"], 0.85)
+        self.assertTrue(report["anchor_kept"])
+        self.assertTrue(report["undo_exact"])
+        self.assertTrue(report["source_unchanged"])
+        self.delayDisplay("Logic test passed")
+
+    def test_segment_editor_effect(self) -> None:
+        from SAMSegmentSlicer.selftest import run_effect_flow
+
+        self.delayDisplay("SAM Segment Editor effect: drag a box, apply, undo")
+        report = run_effect_flow(slicer.mrmlScene)
+        self.assertGreater(report["slice_dice"], 0.9)
+        self.assertTrue(report["undo_exact"])
+        self.delayDisplay("Effect test passed")

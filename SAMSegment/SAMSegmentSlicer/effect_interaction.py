@@ -1,0 +1,154 @@
+"""What the "SAM" Segment Editor effect does with mouse events, without Qt.
+
+The effect's Qt shell forwards (view, x, y, buttons, modifiers) here. A press-release without
+movement is a point (left = include; Ctrl, Shift or right button = exclude); a left drag is a box.
+Prompts accumulate on the slice under the mouse and are dropped when the user moves to another
+slice or view orientation, because SAM's prompts belong to one image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from SAMSegmentLib.errors import SAMSegmentError
+from SAMSegmentLib.prompts import EXCLUDE, INCLUDE, Prompts
+
+from .geometry import ViewSlice, ijk_component, ijk_to_slice_xy, ras_to_ijk, xy_to_ras
+
+# Mouse travel (display pixels) below which a press-release is a click, not a drag.
+DRAG_THRESHOLD_PX = 5.0
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str  # "include", "exclude" or "box"
+    xy: tuple[float, float]
+    xy_end: tuple[float, float] | None = None
+
+
+class ClickInterpreter:
+    """Turns press / move / release into include, exclude or box actions."""
+
+    def __init__(self, threshold_px: float = DRAG_THRESHOLD_PX) -> None:
+        self.threshold_px = threshold_px
+        self._start: tuple[float, float] | None = None
+        self._exclude = False
+        self._dragging = False
+
+    def press(self, xy: tuple[float, float], ctrl: bool = False, shift: bool = False, right: bool = False) -> None:
+        self._start = (float(xy[0]), float(xy[1]))
+        self._exclude = bool(ctrl or shift or right)
+        self._dragging = False
+
+    def move(self, xy: tuple[float, float]) -> tuple[tuple[float, float], tuple[float, float]] | None:
+        """The rubber-band rectangle to draw while dragging a box, else None."""
+        if self._start is None or self._exclude:
+            return None
+        if np.hypot(xy[0] - self._start[0], xy[1] - self._start[1]) >= self.threshold_px:
+            self._dragging = True
+        return (self._start, (float(xy[0]), float(xy[1]))) if self._dragging else None
+
+    def release(self, xy: tuple[float, float]) -> Action | None:
+        if self._start is None:
+            return None
+        start, self._start = self._start, None
+        moved = np.hypot(xy[0] - start[0], xy[1] - start[1]) >= self.threshold_px
+        if self._exclude:
+            return Action("exclude", start)
+        if moved or self._dragging:
+            return Action("box", start, (float(xy[0]), float(xy[1])))
+        return Action("include", start)
+
+    @property
+    def active(self) -> bool:
+        return self._start is not None
+
+
+@dataclass
+class SlicePrompts:
+    """The prompts placed on one slice of one orientation."""
+
+    view: ViewSlice
+    points: list[tuple[float, float]] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    box: tuple[float, float, float, float] | None = None
+
+    def as_prompts(self) -> Prompts:
+        return Prompts(np.array(self.points, dtype=float).reshape(-1, 2), np.array(self.labels, dtype=np.int64),
+                       None if self.box is None else np.array(self.box, dtype=float))
+
+
+class EffectController:
+    """The effect's state: prompts on the current slice, the preview, apply and cancel.
+
+    ``core`` is a SAMSegmentCore bound to the editor's source volume and segmentation; writes go
+    through its SegmentWriter, whose sink in real Slicer is the effect itself (so the Segment
+    Editor's own undo/redo and masking apply).
+    """
+
+    def __init__(self, core: Any) -> None:
+        self.core = core
+        self.interpreter = ClickInterpreter()
+        self.state: SlicePrompts | None = None
+        self._history: list[SlicePrompts] = []
+
+    def slice_pixel(self, slice_node, xy: tuple[float, float], view: ViewSlice) -> tuple[float, float]:
+        """Display pixel -> pixel of the volume slice shown, ignoring sub-voxel offsets of the plane."""
+        ras = xy_to_ras(slice_node, xy)
+        ijk = ras_to_ijk(self.core.volume_node, [ras])[0]
+        ijk[ijk_component(view.axis)] = view.index
+        px = ijk_to_slice_xy([ijk], view.axis)[0]
+        return float(px[0]), float(px[1])
+
+    def handle(self, slice_node, action: Action) -> Any:
+        """Apply one action in ``slice_node``'s view; returns the new prediction (or None)."""
+        view = self.core.view_slice(slice_node)
+        if not view.inside:
+            raise SAMSegmentError("The click is outside the source volume", "click on the image")
+        if self.state is None or (self.state.view.axis, self.state.view.index) != (view.axis, view.index):
+            self.state = SlicePrompts(view)
+            self._history.clear()
+        self._history.append(SlicePrompts(view, list(self.state.points), list(self.state.labels), self.state.box))
+        if action.kind == "box":
+            a = self.slice_pixel(slice_node, action.xy, view)
+            b = self.slice_pixel(slice_node, action.xy_end, view)
+            self.state.box = (min(a[0], b[0]), min(a[1], b[1]), max(a[0], b[0]), max(a[1], b[1]))
+        else:
+            self.state.points.append(self.slice_pixel(slice_node, action.xy, view))
+            self.state.labels.append(INCLUDE if action.kind == "include" else EXCLUDE)
+        try:
+            return self.core.segment(view, self.state.as_prompts(), refine=True)
+        except SAMSegmentError:
+            self.undo()  # the rejected prompt is not kept
+            raise
+
+    def undo(self) -> Any:
+        """Remove the last prompt on this slice and show the previous proposal."""
+        if not self._history or self.state is None:
+            return None
+        self.state = self._history.pop()
+        prompts = self.state.as_prompts()
+        if prompts.is_empty:
+            self.core.session.reset(self.state.view.ref)
+            self.core.current = None
+            self.core.preview.clear()
+            return None
+        self.core.session.reset(self.state.view.ref)
+        return self.core.segment(self.state.view, prompts, refine=False)
+
+    def apply(self) -> int:
+        written = self.core.accept()
+        self.cancel(keep_preview=True)
+        return written
+
+    def cancel(self, keep_preview: bool = False) -> None:
+        if self.state is not None and self.core.session is not None:
+            self.core.session.reset(self.state.view.ref)
+        self.state = None
+        self._history.clear()
+        if not keep_preview and self.core.preview is not None:
+            self.core.current = None
+            self.core.preview.clear()

@@ -1,0 +1,133 @@
+"""Everything mode, SAMAug priors and prompt-robustness uncertainty, as MRML nodes.
+
+The engine computes numpy arrays (SAMSegmentLib.automatic / samaug / uncertainty); this module
+puts them into the scene with the source volume's geometry: a new segmentation with one segment
+per found region, two new scalar volumes for the SAMAug prior maps, and a toggleable outline of
+the uncertain pixels over the current proposal. Nothing existing is modified.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from SAMSegmentLib.errors import SAMSegmentError
+from SAMSegmentLib.prompts import Prompts
+from SAMSegmentLib.volume import SliceRef, set_slice
+from SAMSegmentLib.worker import CancelToken
+
+from .geometry import ViewSlice
+
+# Entropy (bits) above which a pixel counts as uncertain in the overlay: the jittered prompts
+# disagree on it at least ~1 time in 9 (H(0.11) = 0.5 bit).
+UNCERTAIN_ENTROPY_BITS = 0.5
+
+
+def _copy_geometry(source_volume, target_volume) -> None:
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    source_volume.GetIJKToRASMatrix(m)
+    target_volume.SetIJKToRASMatrix(m)
+    parent = source_volume.GetParentTransformNode()
+    if parent is not None:
+        target_volume.SetAndObserveTransformNodeID(parent.GetID())
+
+
+def labels_to_segmentation(scene, source_volume, labels: np.ndarray, name: str):
+    """A new segmentation with one segment per non-zero label of a (K, J, I) label array."""
+    import slicer
+
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", f"{name} labels")
+    try:
+        slicer.util.updateVolumeFromArray(labelmap, labels.astype(np.int32))
+        _copy_geometry(source_volume, labelmap)
+        seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+        seg.CreateDefaultDisplayNodes()
+        seg.SetReferenceImageGeometryParameterFromVolumeNode(source_volume)
+        if labels.any():
+            slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, seg)
+    finally:
+        display = labelmap.GetDisplayNode()
+        scene.RemoveNode(labelmap)
+        if display is not None and display.GetScene() is not None:
+            scene.RemoveNode(display)
+    return seg
+
+
+def everything_labels(core: Any, view: ViewSlice | None = None, axis: int | None = None, params: Any = None,
+                      progress: Callable[[int, int, str], None] | None = None,
+                      cancel: CancelToken | None = None) -> tuple[np.ndarray, str]:
+    """Everything mode on ``view``'s slice, or on every slice along ``axis`` (regions linked in 3D).
+
+    Pure computation (safe on a worker thread): a (K, J, I) label array and a name for the result.
+    """
+    from SAMSegmentLib.automatic import everything_slice, everything_volume, regions_to_labels
+
+    core._require()
+    session = core.session
+    if view is not None:
+        regions = everything_slice(session, view.ref, params, progress=progress, cancel=cancel)
+        labels = np.zeros(session.shape, dtype=np.int32)
+        set_slice(labels, view.ref, regions_to_labels(regions, session.slice_image(view.ref).shape))
+        return labels, f"{core.volume_node.GetName()} everything (slice {view.index})"
+    if axis is not None:
+        labels = everything_volume(session, axis, params=params, progress=progress, cancel=cancel)
+        return labels, f"{core.volume_node.GetName()} everything"
+    raise SAMSegmentError("Everything mode needs a slice view or an axis", "pass view=... or axis=...")
+
+
+def everything_to_segmentation(core: Any, view: ViewSlice | None = None, axis: int | None = None,
+                               params: Any = None, progress: Callable[[int, int, str], None] | None = None,
+                               cancel: CancelToken | None = None):
+    """Everything mode into a new segmentation node (one segment per region); blocking."""
+    labels, name = everything_labels(core, view, axis, params, progress, cancel)
+    return labels_to_segmentation(core.scene, core.volume_node, labels, name)
+
+
+def samaug_arrays(core: Any, axis: int = 0, params: Any = None, progress: Callable[[int, int, str], None] | None = None,
+                  cancel: CancelToken | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """SAMAug (segmentation prior, boundary prior) of every slice; safe on a worker thread."""
+    from SAMSegmentLib.samaug import samaug_volume
+
+    core._require()
+    return samaug_volume(core.session, axis, params, progress=progress, cancel=cancel)
+
+
+def priors_to_volumes(core: Any, seg_prior: np.ndarray, boundary_prior: np.ndarray) -> tuple[Any, Any]:
+    """The two prior maps as new scalar volumes with the source volume's geometry."""
+    import slicer
+
+    nodes = []
+    for array, suffix in ((seg_prior, "SAMAug segmentation prior"), (boundary_prior, "SAMAug boundary prior")):
+        node = core.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{core.volume_node.GetName()} {suffix}")
+        slicer.util.updateVolumeFromArray(node, np.asarray(array, dtype=np.float32))
+        _copy_geometry(core.volume_node, node)
+        node.CreateDefaultDisplayNodes()
+        nodes.append(node)
+    return nodes[0], nodes[1]
+
+
+def samaug_to_volumes(core: Any, axis: int = 0, params: Any = None,
+                      progress: Callable[[int, int, str], None] | None = None,
+                      cancel: CancelToken | None = None) -> tuple[Any, Any]:
+    """SAMAug segmentation-prior and boundary-prior maps as two new volumes beside the source; blocking."""
+    return priors_to_volumes(core, *samaug_arrays(core, axis, params, progress, cancel))
+
+
+def show_uncertainty(core: Any, view: ViewSlice | None = None, prompts: Prompts | None = None, n: int = 16,
+                     jitter: float = 0.1, seed: int = 0, visible: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Jitter the current prompt, overlay the pixels the samples disagree on; returns (mean, entropy)."""
+    from SAMSegmentLib.uncertainty import prompt_uncertainty
+
+    core._require()
+    view = view or core.current_view
+    if prompts is None and core.current is not None:
+        prompts = core.current.prompts
+    if view is None or prompts is None:
+        raise SAMSegmentError("No prompt to measure the uncertainty of", "segment a slice first")
+    mean, entropy = prompt_uncertainty(core.session, SliceRef(view.axis, view.index), prompts, n=n, jitter=jitter,
+                                       seed=seed, measure="entropy")
+    core.preview.show_uncertainty(view.axis, view.index, entropy >= UNCERTAIN_ENTROPY_BITS, visible)
+    return mean, entropy

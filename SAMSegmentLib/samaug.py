@@ -1,0 +1,232 @@
+"""SAMAug input augmentation (Zhang et al., MICCAI 2023): SAM's view of an image as extra channels.
+
+For each slice the everything-mode masks (``automatic``) give two prior maps:
+
+* **segmentation prior**: every mask adds its stability score to its pixels (SAMAug's definition:
+  a pixel covered by two stable masks gets about 2, one covered by nothing gets 0);
+* **boundary prior**: 1 on the outer boundary of every mask (background pixels 4-adjacent to the
+  mask, skimage's ``find_boundaries(mode="outer")``), 0 elsewhere.
+
+A task-specific network (e.g. nnU-Net) is then trained on the 3-channel image
+(intensity, segmentation prior, boundary prior). We write the channels as **three files** per
+case, named the nnU-Net way: ``CASE_0000.nii.gz`` (the original intensities, unchanged dtype),
+``CASE_0001.nii.gz`` (segmentation prior, float32), ``CASE_0002.nii.gz`` (boundary prior, float32),
+each with the input's spacing, origin and direction. Three scalar files rather than one
+3-component file because every reader (nnU-Net, Slicer, ITK-SNAP) loads scalar NIfTI the same
+way, while vector NIfTI is read as a 4D or RGB image depending on the tool.
+
+Batch runs are resumable: a case is finished only when its marker ``CASE.samaug.json`` exists;
+the marker is written (atomically) after all three files, so a run killed half-way through a
+case leaves no marker and the case is redone from scratch on the next run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from .automatic import EverythingParams, Region, everything_slice
+from .errors import ImageIOError, SAMSegmentError
+from .volume import SliceRef, set_slice
+from .worker import CancelToken, ProgressCallback
+
+log = logging.getLogger(__name__)
+
+CHANNEL_SUFFIXES = ("_0000", "_0001", "_0002")  # intensity, segmentation prior, boundary prior
+MARKER_SUFFIX = ".samaug.json"
+INPUT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def outer_boundary(mask: np.ndarray) -> np.ndarray:
+    """Background pixels 4-adjacent to ``mask`` (the mask's outer boundary), as bool."""
+    from scipy import ndimage
+
+    m = np.asarray(mask, dtype=bool)
+    return ndimage.binary_dilation(m, structure=ndimage.generate_binary_structure(m.ndim, 1)) & ~m
+
+
+def priors_from_regions(regions: Sequence[Region], shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(segmentation prior, boundary prior), float32 (H, W), from everything-mode regions."""
+    seg = np.zeros(shape, dtype=np.float32)
+    boundary = np.zeros(shape, dtype=bool)
+    for region in regions:
+        seg[region.mask] += np.float32(region.stability)
+        boundary |= outer_boundary(region.mask)
+    return seg, boundary.astype(np.float32)
+
+
+def samaug_maps(session: Any, ref: SliceRef, params: EverythingParams | None = None,
+                regions: Sequence[Region] | None = None,
+                cancel: CancelToken | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """SAMAug priors of one slice: (segmentation prior, boundary prior), float32 (H, W).
+
+    Pass ``regions`` when everything mode already ran on the slice (e.g. the GUI shows them), so
+    the slice is not decoded twice.
+    """
+    if regions is None:
+        regions = everything_slice(session, ref, params, cancel=cancel)
+    return priors_from_regions(regions, session.slice_image(ref).shape)
+
+
+def samaug_volume(session: Any, axis: int = 0, params: EverythingParams | None = None,
+                  progress: ProgressCallback | None = None,
+                  cancel: CancelToken | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Priors of every slice along ``axis``: (segmentation prior, boundary prior), float32 (K, J, I)."""
+    shape = session.shape
+    seg = np.zeros(shape, dtype=np.float32)
+    bnd = np.zeros(shape, dtype=np.float32)
+    n = shape[axis]
+    for index in range(n):
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        ref = SliceRef(axis, index)
+        s, b = samaug_maps(session, ref, params, cancel=cancel)
+        set_slice(seg, ref, s)
+        set_slice(bnd, ref, b)
+        if progress is not None:
+            progress(index + 1, n, f"slice {index}")
+    return seg, bnd
+
+
+# ------------------------------------------------------------------------------------------ files
+def case_name(path: str | Path) -> str:
+    """Case id of an input file: its name without the image extension (``ct.nii.gz`` -> ``ct``)."""
+    name = Path(path).name
+    for ext in INPUT_EXTENSIONS:
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return Path(path).stem
+
+
+def output_paths(out_dir: str | Path, case: str, extension: str = ".nii.gz") -> list[Path]:
+    """The three channel files of ``case`` (intensity, segmentation prior, boundary prior)."""
+    return [Path(out_dir) / f"{case}{suffix}{extension}" for suffix in CHANNEL_SUFFIXES]
+
+
+def marker_path(out_dir: str | Path, case: str) -> Path:
+    return Path(out_dir) / f"{case}{MARKER_SUFFIX}"
+
+
+def is_finished(out_dir: str | Path, case: str, extension: str = ".nii.gz") -> bool:
+    """True when the case's completion marker and all three files exist (a half-written case is not)."""
+    return marker_path(out_dir, case).is_file() and all(p.is_file() for p in output_paths(out_dir, case, extension))
+
+
+def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_samaug(out_dir: str | Path, case: str, volume: np.ndarray, seg_prior: np.ndarray,
+                 boundary_prior: np.ndarray, geometry: Any, source_paths: Iterable[str | Path] = (),
+                 info: dict[str, Any] | None = None, extension: str = ".nii.gz") -> list[Path]:
+    """Write the three channel files (replacing leftovers of an unfinished run), then the marker."""
+    from . import io as sio
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    marker = marker_path(out, case)
+    if marker.exists():
+        marker.unlink()  # the files are about to change: not finished until the new marker
+    sources = list(source_paths)
+    paths = output_paths(out, case, extension)
+    sio.write_array(paths[0], np.asarray(volume), geometry, overwrite=True, source_paths=sources)
+    sio.write_volume(paths[1], seg_prior, geometry, overwrite=True, source_paths=sources)
+    sio.write_volume(paths[2], boundary_prior, geometry, overwrite=True, source_paths=sources)
+    payload = {"case": case, "files": [p.name for p in paths], "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+               **(info or {})}
+    _write_json_atomic(marker, payload)
+    return paths
+
+
+def find_inputs(folder: str | Path) -> list[Path]:
+    """Image files directly in ``folder`` (NIfTI, NRRD, MHA/MHD), sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ImageIOError(f"{folder} is not a folder", "give a folder that holds the volumes (.nii.gz, .nrrd, .mha)")
+    files = sorted(p for p in folder.iterdir()
+                   if p.is_file() and not p.name.startswith(".") and any(p.name.lower().endswith(e)
+                                                                         for e in INPUT_EXTENSIONS))
+    if not files:
+        raise ImageIOError(f"No volumes found in {folder}", f"put image files ({', '.join(INPUT_EXTENSIONS)}) there")
+    return files
+
+
+@dataclass
+class BatchSummary:
+    """What a batch run did: case ids processed now, skipped as already finished, failed (with why)."""
+
+    done: list[str]
+    skipped: list[str]
+    failed: dict[str, str]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def samaug_batch(inputs: Sequence[str | Path], out_dir: str | Path, session: Any, axis: int = 0,
+                 params: EverythingParams | None = None, window: Any = None, modality: str = "auto",
+                 redo: bool = False, progress: ProgressCallback | None = None,
+                 slice_progress: ProgressCallback | None = None,
+                 cancel: CancelToken | None = None) -> BatchSummary:
+    """SAMAug channels for many volumes, resumable: finished cases are skipped unless ``redo``.
+
+    ``progress(done, total, case)`` counts cases, ``slice_progress`` slices of the current case.
+    A case that fails to read or segment is reported in ``failed`` and the batch goes on; a cancel
+    stops before the next slice and leaves the current case unfinished (no marker).
+    """
+    from . import io as sio
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    in_dirs = {Path(p).expanduser().resolve().parent for p in inputs}
+    if out.expanduser().resolve() in in_dirs:
+        raise ImageIOError(f"Output folder {out} is the input folder",
+                           "write to a separate folder (channel files would be mistaken for new inputs)")
+    names = [case_name(p) for p in inputs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise SAMSegmentError(f"Several inputs share the case name(s) {', '.join(dupes)}",
+                              "rename them so each case id is unique")
+    summary = BatchSummary([], [], {}, 0.0)
+    t0 = time.perf_counter()
+    for n_done, (path, case) in enumerate(zip(inputs, names)):
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        if not redo and is_finished(out, case):
+            summary.skipped.append(case)
+            log.info("%s: finished before, skipped", case)
+        else:
+            t_case = time.perf_counter()
+            try:
+                volume, geometry = sio.read_volume(path)
+                session.set_volume(volume, window=window, modality=modality)
+                seg, bnd = samaug_volume(session, axis, params, progress=slice_progress, cancel=cancel)
+                write_samaug(out, case, volume, seg, bnd, geometry, source_paths=[path],
+                             info={"input": str(path), "axis": axis, "model": session.model_id,
+                                   "seconds": round(time.perf_counter() - t_case, 2)})
+                summary.done.append(case)
+            except SAMSegmentError as exc:
+                summary.failed[case] = exc.problem
+                log.warning("%s: %s", case, exc)
+        if progress is not None:
+            progress(n_done + 1, len(inputs), case)
+    summary.seconds = round(time.perf_counter() - t0, 2)
+    return summary

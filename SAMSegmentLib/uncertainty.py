@@ -1,0 +1,145 @@
+"""Prompt-robustness uncertainty: how much the mask depends on exactly where the prompt was put.
+
+A user's box is never exactly the box the model was trained with. SAM-U (Deng et al., 2023)
+decodes several randomly jittered boxes around the user's box and reads the disagreement as
+uncertainty; Huang et al. (MedIA 2023) show that SAM's masks move a lot under box jitter on
+medical images. Here: ``n`` jittered copies of the prompt (boxes: each corner coordinate moved by
+Gaussian noise with sd ``jitter`` times the box width/height; points: sd ``jitter`` times the size
+of the unjittered mask's bounding box), decoded in batched decoder calls (or one ONNX Runtime call
+each where the backend decodes with ONNX Runtime, which was faster on CPU), give
+
+* the **mean probability** map: the average of the n sigmoid(logit) maps, and
+* an **uncertainty** map: ``"entropy"`` (default, SAM-U's predictive entropy of the mean
+  probability, in bits, 0..1) or ``"variance"`` (variance of the n binary masks, 0..0.25: the
+  fraction of jittered prompts that disagree, p(1-p)).
+
+Seeded (``seed``) so a result is reproducible.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .errors import PromptError, SAMSegmentError
+from .preprocessing import clip_box, validate_prompt_geometry
+from .prompts import Prompts
+from .volume import SliceRef, check_slice_ref
+from .worker import PRIORITY_INTERACTIVE
+
+MEASURES = ("entropy", "variance")
+
+
+def jitter_prompts(prompts: Prompts, n: int, jitter: float, seed: int, height: int, width: int,
+                   point_scale: tuple[float, float] | None = None) -> list[Prompts]:
+    """``n`` randomly moved copies of ``prompts``, kept inside the (height, width) slice.
+
+    Box coordinates move by N(0, (jitter * box side)^2), each corner independently (so the box can
+    shift, grow and shrink); points by N(0, (jitter * scale)^2) with ``point_scale`` = (sx, sy)
+    (default: the box's size if there is a box, else a tenth of the slice).
+    """
+    if n < 1:
+        raise SAMSegmentError(f"Need at least one jittered sample, got n={n}", "use e.g. n=16")
+    if jitter < 0:
+        raise SAMSegmentError(f"Jitter must be >= 0, got {jitter}", "use a fraction of the box size, e.g. 0.1")
+    rng = np.random.default_rng(seed)
+    out: list[Prompts] = []
+    box = None if prompts.box is None else np.asarray(prompts.box, dtype=np.float64)
+    if point_scale is None:
+        point_scale = ((box[2] - box[0] + 1, box[3] - box[1] + 1) if box is not None else (width / 10, height / 10))
+    for _ in range(n):
+        new_box = None
+        if box is not None:
+            bw, bh = box[2] - box[0] + 1, box[3] - box[1] + 1
+            b = box + rng.normal(0.0, 1.0, 4) * jitter * np.array([bw, bh, bw, bh])
+            x0, x1 = sorted((b[0], b[2]))
+            y0, y1 = sorted((b[1], b[3]))
+            x0, x1 = np.clip([x0, x1], 0.0, width - 1.0)
+            y0, y1 = np.clip([y0, y1], 0.0, height - 1.0)
+            if x1 - x0 < 2.0:  # keep a usable box (>= 2 px) inside the slice
+                x0, x1 = max(0.0, min(x0, width - 3.0)), max(0.0, min(x0, width - 3.0)) + 2.0
+            if y1 - y0 < 2.0:
+                y0, y1 = max(0.0, min(y0, height - 3.0)), max(0.0, min(y0, height - 3.0)) + 2.0
+            new_box = np.array([x0, y0, x1, y1])
+        pts = prompts.points.copy()
+        if len(pts):
+            pts = pts + rng.normal(0.0, 1.0, pts.shape) * jitter * np.asarray(point_scale, dtype=np.float64)
+            pts[:, 0] = np.clip(pts[:, 0], 0.0, width - 1.0)
+            pts[:, 1] = np.clip(pts[:, 1], 0.0, height - 1.0)
+        out.append(Prompts(pts, prompts.labels.copy(), new_box))
+    return out
+
+
+def uncertainty_from_probabilities(probs: np.ndarray, measure: str = "entropy") -> tuple[np.ndarray, np.ndarray]:
+    """(mean probability, uncertainty) from stacked per-sample probabilities (N, H, W)."""
+    if measure not in MEASURES:
+        raise SAMSegmentError(f"Unknown uncertainty measure {measure!r}", f"use one of {', '.join(MEASURES)}")
+    p = np.asarray(probs, dtype=np.float64)
+    mean = p.mean(axis=0)
+    if measure == "entropy":
+        q = np.clip(mean, 1e-7, 1 - 1e-7)
+        unc = -(q * np.log2(q) + (1 - q) * np.log2(1 - q))
+        unc[(mean <= 1e-7) | (mean >= 1 - 1e-7)] = 0.0
+    else:
+        unc = (p > 0.5).astype(np.float64).var(axis=0)
+    return mean.astype(np.float32), unc.astype(np.float32)
+
+
+def prompt_uncertainty(session: Any, ref: SliceRef, prompts: Prompts, n: int = 16, jitter: float = 0.1,
+                       seed: int = 0, measure: str = "entropy") -> tuple[np.ndarray, np.ndarray]:
+    """Mean probability and uncertainty maps, float32 (H, W), over ``n`` jittered prompts.
+
+    Box-only models (LiteMedSAM, MedSAM) need a box in ``prompts``, as for ``predict``.
+    """
+    check_slice_ref(session.shape, ref)
+    image = session.slice_image(ref)
+    h, w = image.shape
+    if prompts.is_empty or not prompts.has_include:
+        raise PromptError("Uncertainty needs a prompt with something to include", "give a box or an include point")
+    validate_prompt_geometry(h, w, prompts.points, prompts.box)
+    if session.backend.spec.needs_box and prompts.box is None:
+        raise PromptError(f"{session.backend.spec.name} segments from a box; jittered points alone say nothing",
+                          "give a box around the structure")
+    if int(image.min()) == int(image.max()):
+        raise SAMSegmentError(f"Slice {ref.index} is constant after windowing; nothing to segment",
+                              "choose another slice or widen the intensity window")
+    box = None if prompts.box is None else clip_box(prompts.box, h, w)
+    base = Prompts(prompts.points, prompts.labels, box)
+
+    def run() -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        from .automatic import decode_batch
+        from .backends import LOW_RES_SIZE
+
+        backend = session.backend
+        emb = session.embedding(ref)
+        geom = session.geometry(ref)
+        point_scale = None
+        if box is None:  # points only: jitter relative to the size of what the prompt selects
+            low, _ = decode_batch(backend, emb, geom, points=base.points[None], labels=base.labels[None])
+            with torch.inference_mode():
+                mask = (geom.low_res_to_slice(low[:, :1], LOW_RES_SIZE)[0, 0] > 0).numpy()
+            if mask.any():
+                ys, xs = np.nonzero(mask)
+                point_scale = (float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1))
+        samples = jitter_prompts(base, n, jitter, seed, h, w, point_scale)
+        points = np.stack([s.points for s in samples]) if len(base.points) else None
+        labels = np.stack([s.labels for s in samples]) if len(base.points) else None
+        boxes = np.stack([s.box for s in samples]) if box is not None else None
+        probs = []
+        if backend.decoder_runtime == "onnx":  # one-prompt ONNX calls beat eager batches on CPU (bench/everything.py)
+            for smp in samples:
+                out = backend.decode(emb, geom, smp.points if len(smp.points) else None, smp.labels, smp.box)
+                probs.append(1.0 / (1.0 + np.exp(-out.logits[None].astype(np.float64))))
+        else:
+            for start in range(0, n, 16):  # one decoder call per 16 samples: bounded memory for large n
+                sl = slice(start, start + 16)
+                low, _ = decode_batch(backend, emb, geom, None if points is None else points[sl],
+                                      None if labels is None else labels[sl], None if boxes is None else boxes[sl])
+                with torch.inference_mode():
+                    probs.append(torch.sigmoid(geom.low_res_to_slice(low[:, :1], LOW_RES_SIZE)[:, 0]).numpy())
+        return uncertainty_from_probabilities(np.concatenate(probs), measure)
+
+    return session.worker.call(run, PRIORITY_INTERACTIVE)

@@ -1,0 +1,209 @@
+"""The SAMSegment logic end to end on real MRML with the real LiteMedSAM model.
+
+A bright block in an oblique, mirrored, anisotropic volume is prompted through Markups in each
+view orientation; the accepted mask must land on the block's voxels of exactly that slice, undo
+must restore the segment exactly, a cancelled propagation must leave a consistent segment that one
+undo removes. (The full propagation flow is test_selftest.py, shared with the in-Slicer self-test.)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import add_volume, box_phantom, slice_node_through
+from SAMSegmentSlicer import geometry
+from SAMSegmentSlicer.logic import SAMSegmentCore
+from SAMSegmentSlicer.segment_io import segment_array
+
+ORIENTATIONS = {"Axial": 0, "Coronal": 1, "Sagittal": 2}
+
+
+def dice(a, b) -> float:
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    return 2 * np.count_nonzero(a & b) / max(1, a.sum() + b.sum())
+
+
+@pytest.fixture
+def world(mrml, backend):
+    from SAMSegmentLib.session import SegmentationSession
+
+    scene, app = mrml
+    vol, truth = box_phantom()
+    volume = add_volume(scene, vol)
+    volume.GetDisplayNode().SetAutoWindowLevel(False)
+    volume.GetDisplayNode().SetWindowLevel(600, 200)
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    seg.CreateDefaultDisplayNodes()
+    core = SAMSegmentCore(scene, app)
+    session = SegmentationSession(model=backend)
+    core.use_session(session)
+    core.set_inputs(volume, seg)
+    yield scene, core, volume, seg, vol, truth
+    core.close()
+
+
+def block_box(truth, axis, index, margin=1):
+    """The block's box on one slice in slice pixels (x0, y0, x1, y1)."""
+    ys, xs = np.nonzero(np.take(truth, index, axis))
+    return np.array([xs.min() - margin, ys.min() - margin, xs.max() + margin, ys.max() + margin], float)
+
+
+def centre_ras(volume, truth):
+    centre_ijk = np.argwhere(truth).mean(axis=0)[::-1]  # (i, j, k)
+    return geometry.ijk_to_ras(volume, [np.round(centre_ijk)])[0], np.round(centre_ijk).astype(int)
+
+
+def test_window_comes_from_the_display_node(world):
+    _, core, *_ = world
+    assert (core.window.low, core.window.high) == (-100, 500)
+
+
+def box_corners(volume, truth, axis, index, margin=1):
+    """RAS corners of the block's bounding box on one slice, drawn as a user would."""
+    lo, hi = np.argwhere(truth).min(axis=0) - margin, np.argwhere(truth).max(axis=0) + margin  # (k, j, i)
+    lo[axis] = hi[axis] = index
+    return geometry.ijk_to_ras(volume, [lo[::-1], hi[::-1]])
+
+
+@pytest.mark.parametrize("orientation", sorted(ORIENTATIONS))
+def test_box_prompt_in_each_view_writes_the_right_voxels(world, orientation):
+    import slicer
+
+    scene, core, volume, seg, vol, truth = world
+    ras, ijk = centre_ras(volume, truth)
+    node = slice_node_through(scene, volume, orientation, ras)
+    calls = []
+    core.watch_markups(lambda: calls.append(1) or core.view_slice(node), asynchronous=False)
+    axis = ORIENTATIONS[orientation]
+    index = int(ijk[geometry.ijk_component(axis)])
+    a, b = box_corners(volume, truth, axis, index)
+    core.prompts.set_box(a, b, geometry.vtk_to_numpy_matrix(node.GetSliceToRAS()))
+    assert calls, "changing the ROI must re-run the decoder"
+    view = core.current_view
+    assert (view.axis, view.index) == (axis, index)
+    expected_plane = np.take(truth, view.index, axis)
+    assert dice(core.current.mask, expected_plane) > 0.9
+    assert segment_array(seg, core.segment_id, volume).sum() == 0  # preview only until accepted
+    core.accept()
+    written = segment_array(seg, core.segment_id, volume).astype(bool)
+    assert dice(np.take(written, view.index, axis), expected_plane) > 0.9
+    others = np.delete(written, view.index, axis)
+    assert not others.any(), "nothing may be written outside the prompted slice"
+    assert np.array_equal(slicer.util.arrayFromVolume(volume), vol)  # source untouched
+
+
+def test_markups_points_refine_the_box_and_rerun_on_every_change(world):
+    from SAMSegmentLib.errors import PromptError
+
+    scene, core, volume, seg, _, truth = world
+    ras, ijk = centre_ras(volume, truth)
+    node = slice_node_through(scene, volume, "Axial", ras)
+    runs = []
+    core.watch_markups(lambda: runs.append(1) or core.view_slice(node), asynchronous=False)
+    # LiteMedSAM is box-trained: a lone point is refused with a remedy rather than an empty mask
+    errors = []
+    core.on_error = errors.append
+    core.prompts.add_point(ras, include=True)
+    assert isinstance(core.last_error, PromptError) and "box" in str(core.last_error) and errors
+    assert core.current is None
+    core.prompts.include_node.RemoveAllControlPoints()
+    a, b = box_corners(volume, truth, 0, int(ijk[2]), margin=2)
+    core.prompts.set_box(a, b, geometry.vtk_to_numpy_matrix(node.GetSliceToRAS()))
+    full = core.current.mask.copy()
+    n = len(runs)
+    # an exclude point on the block's left half, then dragged: each change re-runs the decoder
+    lo, hi = np.argwhere(truth).min(axis=0), np.argwhere(truth).max(axis=0)
+    left = geometry.ijk_to_ras(volume, [[lo[2] + 3, (lo[1] + hi[1]) // 2, ijk[2]]])[0]
+    core.prompts.add_point(left, include=False)
+    assert len(runs) > n
+    assert core.current.prompts.labels.tolist() == [0]
+    excluded = core.current.mask.copy()
+    n = len(runs)
+    outside = geometry.ijk_to_ras(volume, [[1, 1, ijk[2]]])[0]
+    core.prompts.exclude_node.SetNthControlPointPositionWorld(0, *outside)
+    assert len(runs) > n
+    assert not np.array_equal(core.current.mask, excluded) or not np.array_equal(excluded, full)
+    core.prompts.exclude_node.RemoveNthControlPoint(0)
+    assert np.array_equal(core.current.mask, full)  # same prompts, same mask
+
+
+def test_roi_box_prompt(world):
+    scene, core, volume, seg, _, truth = world
+    ras, ijk = centre_ras(volume, truth)
+    node = slice_node_through(scene, volume, "Axial", ras)
+    core.watch_markups(lambda: core.view_slice(node), asynchronous=False)
+    lo, hi = np.argwhere(truth).min(axis=0), np.argwhere(truth).max(axis=0)
+    a = geometry.ijk_to_ras(volume, [[lo[2] - 1, lo[1] - 1, ijk[2]]])[0]
+    b = geometry.ijk_to_ras(volume, [[hi[2] + 1, hi[1] + 1, ijk[2]]])[0]
+    core.prompts.set_box(a, b, geometry.vtk_to_numpy_matrix(node.GetSliceToRAS()))
+    assert core.current is not None
+    assert core.current.prompts.box is not None
+    assert dice(core.current.mask, truth[ijk[2]]) > 0.9
+
+
+def test_accept_then_undo_restores_segment_exactly(world):
+    scene, core, volume, seg, _, truth = world
+    ras, ijk = centre_ras(volume, truth)
+    node = slice_node_through(scene, volume, "Axial", ras)
+    view = core.view_slice(node)
+    # something the user painted before, on the same slice
+    from SAMSegmentLib.prompts import Prompts
+
+    painted = np.zeros(truth.shape[1:], dtype=bool)
+    painted[:5, :5] = True
+    core.writer.write_slice(core.segment_id, 0, view.index, painted)
+    before = segment_array(seg, core.segment_id, volume)
+    core.segment(view, Prompts(box=block_box(truth, 0, view.index)))
+    core.accept()
+    assert not np.array_equal(segment_array(seg, core.segment_id, volume), before)
+    assert core.undo_edit()
+    assert np.array_equal(segment_array(seg, core.segment_id, volume), before)
+
+
+def test_asynchronous_request_matches_blocking(world):
+    from SAMSegmentLib.prompts import Prompts
+
+    scene, core, volume, seg, _, truth = world
+    ras, ijk = centre_ras(volume, truth)
+    view = core.view_slice(slice_node_through(scene, volume, "Axial", ras))
+    prompts = Prompts(box=block_box(truth, 0, view.index))
+    core.request(view, Prompts(box=[1.0, 1.0, 8.0, 8.0]))  # superseded
+    core.request(view, prompts)
+    shown = core.wait_for_requests()
+    assert shown is not None and np.array_equal(shown.prompts.box, prompts.box)
+    blocking = core.session.decode(view.ref, prompts)
+    assert np.array_equal(shown.mask, blocking.mask)
+
+
+def test_cancelled_propagation_is_consistent_and_one_undo_step(world):
+    from SAMSegmentLib.prompts import Prompts
+
+    scene, core, volume, seg, _, truth = world
+    ras, ijk = centre_ras(volume, truth)
+    view = core.view_slice(slice_node_through(scene, volume, "Axial", ras))
+    core.segment(view, Prompts(box=block_box(truth, 0, view.index)))
+    core.accept()
+    after_accept = segment_array(seg, core.segment_id, volume)
+    job = core.propagate("up", cancel_after=1)
+    assert job.result is not None and job.result.cancelled
+    current = segment_array(seg, core.segment_id, volume)
+    filled = sorted(int(i) for i in np.nonzero(current.any(axis=(1, 2)))[0])
+    assert filled == sorted({view.index, *job.written})
+    for index in job.written:  # each written slice is exactly what the engine decided
+        assert np.array_equal(current[index].astype(bool), job.result.masks[index])
+    assert len(job.written) < truth.any(axis=(1, 2)).sum() - 1
+    assert core.undo_edit()
+    assert np.array_equal(segment_array(seg, core.segment_id, volume), after_accept)
+
+
+def test_errors_are_clear(world):
+    from SAMSegmentLib.errors import SAMSegmentError
+
+    scene, core, volume, seg, _, _ = world
+    with pytest.raises(SAMSegmentError, match="no proposal"):
+        core.accept()
+    with pytest.raises(SAMSegmentError, match="empty"):
+        core.propagate("both")
+    with pytest.raises(SAMSegmentError, match="No source volume"):
+        SAMSegmentCore(scene).set_inputs(None, seg)

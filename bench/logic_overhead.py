@@ -1,0 +1,115 @@
+"""What the Slicer logic adds on top of the engine for one prompt -> segment update (JSON out).
+
+On real MRML from slicer-core, a 512x512 slice with its embedding cached: the same box prompts go
+(a) straight to the engine (``session.predict``) and (b) through the logic as a user would issue
+them: an ROI markups change -> observer -> RAS->IJK prompts -> engine -> preview segment written.
+Runs alternate a/b so machine noise hits both alike; the overhead is b - a per prompt. Accept
+(the write into the user's segment through the Segment Editor logic, with undo state) is timed
+separately.
+
+    .venv/bin/python bench/logic_overhead.py [--repeats 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "SAMSegment"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--runtime", default=None, help="engine runtime (auto, eager, onnx); default: engine's choice")
+    args = parser.parse_args()
+
+    import SimpleITK as sitk
+    import torch
+    from scipy import ndimage
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    from SAMSegmentLib import sample_data
+    from SAMSegmentLib.prompts import Prompts
+    from SAMSegmentLib.session import SegmentationSession
+    from SAMSegmentSlicer import geometry
+    from SAMSegmentSlicer.logic import SAMSegmentCore
+    from SAMSegmentSlicer.selftest import add_volume, headless_mrml, slice_node_through
+
+    scene, app, _logics = headless_mrml()
+
+    ct = sitk.GetArrayFromImage(sitk.ReadImage(str(sample_data.path(sample_data.IMAGE))))
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(sample_data.path(sample_data.LABELS))))
+    k = int(np.argmax((labels == sample_data.label_values()["liver"]).sum(axis=(1, 2))))
+    sub = slice(max(0, k - 2), k + 3)
+    zoom = (1, 512 / ct.shape[1], 512 / ct.shape[2])
+    vol = ndimage.zoom(ct[sub].astype(np.float32), zoom, order=1).astype(np.int16)
+    lab = ndimage.zoom(labels[sub], zoom, order=0)
+    kk = k - sub.start
+    volume = add_volume(scene, vol, spacing=(0.7, 0.7, 3.0))
+    volume.GetDisplayNode().SetAutoWindowLevel(False)
+    volume.GetDisplayNode().SetWindowLevel(400, 40)
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    seg.CreateDefaultDisplayNodes()
+
+    kwargs = {"runtime": args.runtime} if args.runtime else {}
+    session = SegmentationSession(**kwargs)
+    core = SAMSegmentCore(scene, app)
+    core.use_session(session)
+    core.set_inputs(volume, seg)
+    ys, xs = np.nonzero(lab[kk] == sample_data.label_values()["liver"])
+    centre = geometry.ijk_to_ras(volume, [[xs.mean(), ys.mean(), kk]])[0]
+    node = slice_node_through(scene, volume, "Axial", centre)
+    view = core.view_slice(node)
+    session.embedding(view.ref)  # cached from here on
+    session.prefetch = lambda *a, **kw: 0  # keep the worker idle: measure the prompt path only
+    core.watch_markups(lambda: view, asynchronous=False)
+    s2r = geometry.vtk_to_numpy_matrix(node.GetSliceToRAS())
+    rng = np.random.default_rng(0)
+    base = np.array([xs.min(), ys.min(), xs.max(), ys.max()], float)
+
+    engine_ms, logic_ms, prompt_ms, mrml_ms = [], [], [], []
+    for _ in range(args.repeats):
+        box = base + rng.uniform(-8, 8, 4)
+        t0 = time.perf_counter()
+        session.predict(view.ref, Prompts(box=box), refine=False)
+        engine_ms.append(1e3 * (time.perf_counter() - t0))
+        a = geometry.ijk_to_ras(volume, [[box[0], box[1], kk]])[0]
+        b = geometry.ijk_to_ras(volume, [[box[2], box[3], kk]])[0]
+        t0 = time.perf_counter()
+        core.prompts.set_box(a, b, s2r)  # fires the observer -> decode -> preview
+        logic_ms.append(1e3 * (time.perf_counter() - t0))
+        prompt_ms.append(1e3 * core.last_timing.get("prompts_s", 0.0))
+        mrml_ms.append(1e3 * core.last_timing.get("mrml_s", 0.0))
+    accept_ms = []
+    for _ in range(5):
+        core.prompts.set_box(*geometry.ijk_to_ras(volume, [[base[0], base[1], kk], [base[2], base[3], kk]]), s2r)
+        t0 = time.perf_counter()
+        core.accept()
+        accept_ms.append(1e3 * (time.perf_counter() - t0))
+    overhead = np.array(logic_ms) - np.array(engine_ms)
+    out = {
+        "slice": "512x512 (sample CT liver slice, resampled)", "repeats": args.repeats,
+        "runtime": session.backend.runtime_info() if hasattr(session.backend, "runtime_info") else "eager",
+        "engine_prompt_to_mask_ms": {"p50": float(np.median(engine_ms)), "p95": float(np.percentile(engine_ms, 95))},
+        "logic_markups_to_preview_ms": {"p50": float(np.median(logic_ms)), "p95": float(np.percentile(logic_ms, 95))},
+        "logic_overhead_ms": {"p50": float(np.median(overhead)), "p95": float(np.percentile(overhead, 95))},
+        "of_which_markups_to_prompts_ms_p50": float(np.median(prompt_ms)),
+        "of_which_preview_write_ms_p50": float(np.median(mrml_ms)),
+        "accept_write_with_undo_state_ms_p50": float(np.median(accept_ms)),
+        "target_overhead_ms": 15.0,
+        "meets_target": bool(np.median(overhead) <= 15.0),
+    }
+    print(json.dumps(out, indent=2, default=str))
+    core.close()
+
+
+if __name__ == "__main__":
+    main()
