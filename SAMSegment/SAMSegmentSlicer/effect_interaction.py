@@ -130,14 +130,9 @@ class EffectController:
         if not self._history or self.state is None:
             return None
         self.state = self._history.pop()
-        prompts = self.state.as_prompts()
-        if prompts.is_empty:
-            self.core.session.reset(self.state.view.ref)
-            self.core.current = None
-            self.core.preview.clear()
-            return None
         self.core.session.reset(self.state.view.ref)
-        return self.core.segment(self.state.view, prompts, refine=False)
+        # no prompts left: segment() clears the preview
+        return self.core.segment(self.state.view, self.state.as_prompts(), refine=False)
 
     def apply(self) -> int:
         written = self.core.accept()

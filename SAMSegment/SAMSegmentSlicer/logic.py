@@ -114,7 +114,6 @@ class SAMSegmentCore:
         self.last_timing: dict[str, float] = {}
         self._last_index: dict[int, int] = {}
         self._scroll: int = 0
-        self.on_preview: Callable[[Any], None] | None = None
         self.on_error: Callable[[BaseException], None] | None = None
         self.last_error: BaseException | None = None
         self._pending: "queue.Queue[tuple[int, Any]]" = queue.Queue()
@@ -263,24 +262,21 @@ class SAMSegmentCore:
         """Decode ``prompts`` on ``view``'s slice and show the result as the preview (blocking)."""
         self._require()
         t0 = time.perf_counter()
-        if prompts.is_empty:
-            self.current, self.current_view = None, view
-            if self.preview is not None:
-                self.preview.clear()
-            return None
-        prediction = self.session.predict(view.ref, prompts, refine=refine)
+        prediction = None if prompts.is_empty else self.session.predict(view.ref, prompts, refine=refine)
         t1 = time.perf_counter()
-        self._show(view, prediction)
-        t2 = time.perf_counter()
-        self.last_timing = {"engine_s": t1 - t0, "mrml_s": t2 - t1}
-        self.session.prefetch(view.ref, radius=2, direction=self._note_view(view))
+        self._present(view, prediction)
+        self.last_timing = {"engine_s": t1 - t0, "mrml_s": time.perf_counter() - t1}
         return prediction
 
-    def _show(self, view: ViewSlice, prediction: Any) -> None:
+    def _present(self, view: ViewSlice, prediction: Any) -> None:
+        """Show ``prediction`` as the preview (None clears it) and encode neighbours ahead of the user."""
         self.current, self.current_view = prediction, view
+        if prediction is None:
+            if self.preview is not None:
+                self.preview.clear()
+            return
         self.preview.show(view.axis, view.index, prediction.mask)
-        if self.on_preview is not None:
-            self.on_preview(prediction)
+        self.session.prefetch(view.ref, radius=2, direction=self._note_view(view))
 
     def update_from_markups(self, view: ViewSlice) -> Any:
         """Re-run the decoder with the markups prompts on ``view``'s slice (blocking)."""
@@ -362,12 +358,7 @@ class SAMSegmentCore:
             return None  # superseded by a newer request still running
         if error is not None:
             raise error
-        if prediction is None:
-            self.current, self.current_view = None, view
-            self.preview.clear()
-            return None
-        self._show(view, prediction)
-        self.session.prefetch(view.ref, radius=2, direction=self._note_view(view))
+        self._present(view, prediction)
         return prediction
 
     def wait_for_requests(self, timeout: float = 60.0) -> Any:
@@ -375,11 +366,10 @@ class SAMSegmentCore:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             thread = self._request_thread
-            if (thread is None or not thread.is_alive()) and self._pending.empty():
+            finished = thread is None or not thread.is_alive()  # checked before draining: nothing left behind
+            self.poll()
+            if finished and self._pending.empty():
                 return self.current
-            result = self.poll()
-            if result is not None and self._pending.empty() and (thread is None or not thread.is_alive()):
-                return result
             time.sleep(0.005)
         raise SAMSegmentError("Segmentation request did not finish in time", "check the Python console for errors")
 
@@ -388,11 +378,7 @@ class SAMSegmentCore:
         if self.current_view is None:
             return None
         previous = self.session.undo(self.current_view.ref)
-        if previous is None:
-            self.current = None
-            self.preview.clear()
-        else:
-            self._show(self.current_view, previous)
+        self._present(self.current_view, previous)
         return previous
 
     def clear(self) -> None:

@@ -140,14 +140,8 @@ class SegmentWriter:
         segmentation = self.segmentation_node.GetSegmentation()
         if segment_id and segmentation.GetSegment(segment_id) is not None:
             return segment_id
-        self.logic.SaveStateForUndo()
+        self.sink.save_state_for_undo()
         return segmentation.AddEmptySegment(segment_id or "", name)
-
-    def _mode(self, mode: str) -> Any:
-        if mode not in MODES:
-            raise SAMSegmentError(f"Unknown write mode {mode!r}", f"use one of {', '.join(MODES)}")
-        return {"replace": self.logic.ModificationModeSet, "add": self.logic.ModificationModeAdd,
-                "remove": self.logic.ModificationModeRemove}[mode]
 
     # ---------------------------------------------------------------- writes
     def save_state_for_undo(self) -> None:
@@ -156,6 +150,8 @@ class SegmentWriter:
     def write_slab(self, segment_id: str, slab_kji: np.ndarray, offset_kji: tuple[int, int, int],
                    mode: str = "replace", save_undo: bool = True) -> None:
         """Modify ``segment_id`` inside the slab's extent only; masking/overlap as the editor node says."""
+        if mode not in MODES:
+            raise SAMSegmentError(f"Unknown write mode {mode!r}", f"use one of {', '.join(MODES)}")
         if self.segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
             raise SAMSegmentError(f"Segment '{segment_id}' is not in '{self.segmentation_node.GetName()}'",
                                   "select an existing segment or add one")
@@ -173,7 +169,6 @@ class SegmentWriter:
             if np.any(slab_kji):
                 self.sink.modify(segment_id, modifier, "add")
             return
-        self._mode(mode)
         self.sink.modify(segment_id, modifier, mode)
 
     def write_slice(self, segment_id: str, axis: int, index: int, mask2d: np.ndarray, mode: str = "replace",
@@ -182,20 +177,11 @@ class SegmentWriter:
         self.write_slab(segment_id, slab, offset, mode, save_undo)
 
     # ---------------------------------------------------------------- undo
-    @property
-    def can_undo(self) -> bool:
-        return bool(self.logic.CanUndo())
-
     def undo(self) -> bool:
         if not self.logic.CanUndo():
             return False
         self.logic.Undo()
         return True
-
-    # ---------------------------------------------------------------- reads
-    def segment_array(self, segment_id: str) -> np.ndarray:
-        """The segment as a (K, J, I) uint8 array on the source volume's voxel grid."""
-        return segment_array(self.segmentation_node, segment_id, self.volume_node)
 
 
 def segment_array(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
