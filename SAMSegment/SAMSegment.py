@@ -78,6 +78,7 @@ class SAMSegmentParameterNode:
     checkpoint: str = ""
     device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
     windowFromDisplay: bool = True
+    boxMargin: bool = True
     includePoints: vtkMRMLMarkupsFiducialNode
     excludePoints: vtkMRMLMarkupsFiducialNode
     boxROI: vtkMRMLMarkupsROINode
@@ -121,6 +122,7 @@ class SAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.everythingVolumeButton.connect("clicked()", lambda: self.onEverything(volume=True))
         self.ui.samaugButton.connect("clicked()", self.onSAMAug)
         self.ui.uncertaintyCheck.connect("toggled(bool)", self.onUncertainty)
+        self.ui.marginCheck.connect("toggled(bool)", lambda on: self.logic.set_box_margin(on))
         self.ui.segmentSelector.connect("currentSegmentChanged(QString)", self.onSegmentChanged)
         self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)",
                                              lambda node: self.ui.segmentSelector.setCurrentNode(node))
@@ -170,6 +172,7 @@ class SAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNodeGuiTag = node.connectParametersToGui({
                 "inputVolume": self.ui.volumeSelector, "segmentation": self.ui.segmentationSelector,
                 "windowFromDisplay": self.ui.windowCheck,
+                "boxMargin": self.ui.marginCheck,
                 "includePoints": self.ui.includePlace.markupsSelectorComboBox(),
                 "excludePoints": self.ui.excludePlace.markupsSelectorComboBox(),
                 "boxROI": self.ui.boxPlace.markupsSelectorComboBox(),
@@ -385,6 +388,10 @@ def _build_panel(layout):
     ui.windowCheck = qt.QCheckBox("Use the volume's window/level")
     ui.windowCheck.toolTip = "SAM sees the contrast shown in the views; uncheck for an automatic window."
     form.addRow(ui.windowCheck)
+    ui.marginCheck = qt.QCheckBox("Widen boxes by the model's margin")
+    ui.marginCheck.toolTip = ("LiteMedSAM learnt from loose boxes and under-segments from a box drawn tight to the "
+                              "organ; this adds 10 % of the box side. Uncheck to use boxes exactly as drawn.")
+    form.addRow(ui.marginCheck)
     ui.loadModelButton = qt.QPushButton("Start")
     ui.loadModelButton.toolTip = "Load the model and the volume, and start watching the prompts."
     form.addRow(ui.loadModelButton)

@@ -65,6 +65,9 @@ def _prompt_args(p: argparse.ArgumentParser) -> None:
                    help="include point (x y, or x y z with --coords lps); repeat for more")
     g.add_argument("--exclude", type=float, nargs="+", action="append", default=[], metavar="N",
                    help="exclude point; repeat for more")
+    g.add_argument("--box-margin", type=float, default=None, metavar="F",
+                   help="enlarge the box by this fraction of its side before segmenting (default: the model's, "
+                        "0.1 for LiteMedSAM, which under-segments from boxes drawn tight to the edge); 0 = as given")
     g = p.add_argument_group("output")
     g.add_argument("--out", required=True, help="mask file to write (.nii.gz, .nrrd, .mha); keeps the image geometry")
     g.add_argument("--png", default=None, help="also write a PNG overlay (montage for propagate)")
@@ -159,7 +162,7 @@ def _session(args: argparse.Namespace):
                                cache_bytes=int(args.cache_mib * 2**20), cache_dir=args.cache_dir,
                                fill_holes=getattr(args, "fill_holes", False),
                                largest_component=getattr(args, "largest_component", False),
-                               runtime=getattr(args, "runtime", None))
+                               runtime=getattr(args, "runtime", None), box_margin=getattr(args, "box_margin", None))
 
 
 def _progress(desc: str, total: int):

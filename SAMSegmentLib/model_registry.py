@@ -39,6 +39,10 @@ class ModelSpec:
     # Box-trained models (LiteMedSAM, MedSAM) return nothing useful for points alone; points
     # only refine a box. The interactive path refuses point-only prompts for them with a remedy.
     needs_box: bool = False
+    # Margin added around a user's box before decoding (see preprocessing.widen_box): a fraction
+    # of the box side per axis, at least ``box_margin_min_px`` model-input pixels. 0 = as drawn.
+    box_margin: float = 0.0
+    box_margin_min_px: float = 0.0
 
     @property
     def needs_user_checkpoint(self) -> bool:

@@ -28,7 +28,8 @@ from .backends import LOW_RES_SIZE, SamBackend
 from .cache import DEFAULT_BUDGET_BYTES, CacheKey, EmbeddingCache
 from .errors import PromptError, SAMSegmentError, VolumeError
 from .model_registry import default_model_id
-from .preprocessing import IntensityWindow, SliceGeometry, auto_window, clip_box, validate_prompt_geometry
+from .preprocessing import (IntensityWindow, SliceGeometry, auto_window, clip_box, validate_prompt_geometry,
+                            widen_box)
 from .prompts import Prompts
 from .volume import SliceRef, check_slice_ref, get_slice, validate_volume, volume_signature
 from .worker import (PRIORITY_INTERACTIVE, PRIORITY_PREFETCH, PRIORITY_PROPAGATION, CancelToken, InferenceWorker,
@@ -64,9 +65,12 @@ class SegmentationSession:
     def __init__(self, model: str | SamBackend | None = None, checkpoint: str | Path | None = None,
                  device: str | None = None, cache_bytes: int = DEFAULT_BUDGET_BYTES,
                  cache_dir: str | Path | None = None, refine_with_logits: bool = True,
-                 fill_holes: bool = False, largest_component: bool = False, runtime: str | None = None) -> None:
+                 fill_holes: bool = False, largest_component: bool = False, runtime: str | None = None,
+                 box_margin: float | None = None) -> None:
         """``runtime``: "auto" (default, or ``$SAMSEGMENT_RUNTIME``), "eager" or "onnx" for a backend
-        built here from ``model``; ignored when ``model`` is an already-built ``SamBackend``."""
+        built here from ``model``; ignored when ``model`` is an already-built ``SamBackend``.
+        ``box_margin``: fraction of a user box's side added around it in ``predict`` (None: the
+        model's own, see models.json; 0: decode boxes exactly as drawn)."""
         if isinstance(model, SamBackend):
             self.backend = model
         else:
@@ -79,6 +83,10 @@ class SegmentationSession:
         # a daemon thread inside torch at exit aborts the process ("terminate called ...").
         self._finalizer = weakref.finalize(self, _close_workers, self.worker, self.decoder_lane)
         self.refine_with_logits = refine_with_logits
+        if box_margin is not None and not (np.isfinite(box_margin) and 0.0 <= box_margin <= 1.0):
+            raise SAMSegmentError(f"Box margin {box_margin!r} is not a fraction between 0 and 1",
+                                  "give e.g. 0.1 for 10 % of the box side, or 0 to use boxes as drawn")
+        self.box_margin = self.backend.spec.box_margin if box_margin is None else float(box_margin)
         self.fill_holes = fill_holes
         self.largest_component = largest_component
         self._lock = threading.RLock()
@@ -306,7 +314,9 @@ class SegmentationSession:
 
         ``prompts`` is the full current set on that slice (all clicks so far and the box). When
         the slice already has a prediction and ``refine`` is on, its low-res logits go in as the
-        mask prompt, so a corrective click edits the mask instead of starting over.
+        mask prompt, so a corrective click edits the mask instead of starting over. The box gets
+        the session's ``box_margin`` (models that learnt from loose boxes under-segment from a tight
+        one); propagation composes its own boxes and calls ``decode``, which takes boxes as given.
         """
         check_slice_ref(self.shape, ref)
         if self.backend.spec.needs_box and prompts.box is None and len(prompts.points):
@@ -314,6 +324,10 @@ class SegmentationSession:
             raise PromptError(f"{self.backend.spec.name} segments from a box; points alone give no reliable mask",
                               "drag a box around the structure first (points then refine it), "
                               "or choose a SAM model for click-only prompts")
+        if prompts.box is not None and self.box_margin > 0.0:
+            checked = self._check_prompts(ref, prompts)  # a zero-area or outside box is refused as drawn
+            box = widen_box(checked.box, self.geometry(ref), self.box_margin, self.backend.spec.box_margin_min_px)
+            prompts = Prompts(checked.points, checked.labels, box)
         mask_input = None
         with self._lock:
             history = self._history.get(ref)

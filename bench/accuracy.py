@@ -4,6 +4,9 @@ every slice), printed as JSON.
 Usage: python bench/accuracy.py [--data ../shared/data] [--structures spleen liver ...]
 The box on the anchor slice is the reference mask's bounding box on the structure's largest
 axial slice (what a user would drag); everything after that uses only the model's own output.
+``dice`` is the default path (``predict`` adds the model's box margin to that tight box);
+``dice_box_as_drawn`` decodes the tight box itself (margin 0), for comparison. The oracle takes
+the reference box on every slice, with the margin (``oracle_dice``) and without.
 """
 
 from __future__ import annotations
@@ -50,14 +53,20 @@ def evaluate(session: SegmentationSession, labels: np.ndarray, value: int) -> di
     result = propagate(session, 0, {k: anchor})
     seg = result.to_volume(labels.shape, {k: anchor})
     seconds = time.perf_counter() - t0
-    fixed = {}
+    drawn = session.decode(SliceRef(0, k), Prompts(box=box_of(ref3[k]))).mask  # no margin
+    as_drawn = propagate(session, 0, {k: drawn}).to_volume(labels.shape, {k: drawn})
+    fixed = {"dice_box_as_drawn": round(dice(as_drawn, ref3), 4)}
     for key, policy in FIXED.items():
         other = propagate(session, 0, {k: anchor}, policy=policy)
         fixed[key] = round(dice(other.to_volume(labels.shape, {k: anchor}), ref3), 4)
-    oracle = np.zeros_like(ref3)
+    oracle, oracle_drawn = np.zeros_like(ref3), np.zeros_like(ref3)
     for i in np.nonzero(ref3.any(axis=(1, 2)))[0]:
-        oracle[i] = session.predict(SliceRef(0, int(i)), Prompts(box=box_of(ref3[i])), refine=False).mask
+        box = Prompts(box=box_of(ref3[i]))
+        oracle[i] = session.predict(SliceRef(0, int(i)), box, refine=False).mask
+        oracle_drawn[i] = session.decode(SliceRef(0, int(i)), box).mask
     return {"dice": round(dice(seg, ref3), 4), **fixed, "oracle_dice": round(dice(oracle, ref3), 4),
+            "oracle_dice_box_as_drawn": round(dice(oracle_drawn, ref3), 4),
+            "anchor_dice": round(dice(anchor, ref3[k]), 4), "anchor_dice_box_as_drawn": round(dice(drawn, ref3[k]), 4),
             "anchor_slice": k, "slices_written": len(result.masks) + 1,
             "reference_slices": int(ref3.any(axis=(1, 2)).sum()),
             "stops": [[s.direction, s.last_index, s.reason.name] for s in result.stops],

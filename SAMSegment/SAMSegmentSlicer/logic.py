@@ -548,10 +548,17 @@ class SAMSegmentCore:
             pass
         return dependencies.ensure(confirm, install_torch, slicer.util.pip_install)
 
+    def set_box_margin(self, enabled: bool) -> None:
+        """Widen the user's boxes by the model's margin (models.json), or take them as drawn; the
+        next prompt uses it. Before a model is loaded there is nothing to set."""
+        if self.session is not None:
+            self.session.box_margin = self.session.backend.spec.box_margin if enabled else 0.0
+
     def configure_from_parameters(self, params: Any, segment_id: str | None = None) -> None:
         """Load model, volume, segmentation and markups named by the module's parameter node."""
         device = None if params.device == "auto" else params.device
         self.load_model(params.model or None, params.checkpoint or None, device)
+        self.set_box_margin(getattr(params, "boxMargin", True))
         window = WINDOW_FROM_DISPLAY if params.windowFromDisplay else None
         sid = self.set_inputs(params.inputVolume, params.segmentation, segment_id or params.segmentID or None,
                               window)

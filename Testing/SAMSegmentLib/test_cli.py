@@ -39,6 +39,22 @@ def test_segment_writes_one_slice_with_image_geometry(tmp_path, spleen_box, caps
     assert "model score" in capsys.readouterr().out
 
 
+def test_box_margin_option(tmp_path, spleen_box, capsys):
+    """The tight reference box: with LiteMedSAM's default margin the spleen comes out fuller than
+    with --box-margin 0 (the box as given); a margin that is not a fraction is refused."""
+    k, box, spleen = spleen_box
+    common = ["segment", IMAGE, "--slice", str(k), "--box", *map(str, box)]
+    assert main(common + ["--out", str(tmp_path / "default.nii.gz")]) == 0
+    assert main(common + ["--box-margin", "0", "--out", str(tmp_path / "drawn.nii.gz")]) == 0
+    default, drawn = (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f)))[k] > 0
+                      for f in ("default.nii.gz", "drawn.nii.gz"))
+    dice = [2 * (m & spleen[k]).sum() / (m.sum() + spleen[k].sum()) for m in (default, drawn)]
+    assert default.sum() > drawn.sum() and dice[0] > dice[1]
+    capsys.readouterr()
+    assert main(common + ["--box-margin", "10", "--out", str(tmp_path / "x.nii.gz")]) == 2
+    assert "Box margin" in capsys.readouterr().err and not (tmp_path / "x.nii.gz").exists()
+
+
 def test_lps_prompts_give_the_same_mask_as_voxel_prompts(tmp_path, spleen_box):
     k, box, _ = spleen_box
     src = sitk.ReadImage(IMAGE)  # direction diag(-1, -1, 1): LPS and index axes differ in sign

@@ -132,19 +132,62 @@ def test_bad_prompts_are_refused_with_reasons(session, phantom):
     assert session.encode_count == 0  # nothing reached the model
 
 
-def test_box_trained_model_refuses_points_alone_and_refines_a_box_with_them(session, phantom):
-    vol, mask = phantom
+def test_box_trained_model_refuses_points_alone_and_refines_a_box_with_them(session, sample_ct):
+    from scipy import ndimage
+
+    vol, lab, names = sample_ct
+    spleen = lab == names["spleen"]
+    k = int(spleen.sum(axis=(1, 2)).argmax())
     session.set_volume(vol)
-    ys, xs = np.nonzero(mask[12])
-    centre = (float(xs.mean()), float(ys.mean()))
+    ref = SliceRef(0, k)
+    cy, cx = np.unravel_index(ndimage.distance_transform_edt(spleen[k]).argmax(), spleen[k].shape)
     assert session.backend.spec.needs_box
     with pytest.raises(PromptError, match="segments from a box.*drag a box"):
-        session.predict(SliceRef(0, 12), Prompts.from_lists([centre]))
-    box = Prompts(box=box_of(mask[12]))
-    full = session.predict(SliceRef(0, 12), box)
-    # an exclude point inside the object removes area around it: points refine the box
-    cut = session.predict(SliceRef(0, 12), box.with_point(xs.min() + 2, centre[1], 0))
-    assert cut.area < full.area
+        session.predict(ref, Prompts.from_lists([(float(cx), float(cy))]))
+    box = Prompts(box=box_of(spleen[k]))
+    full = session.predict(ref, box)
+    # an exclude point in the middle of the spleen removes area around it: points refine the box
+    cut = session.predict(ref, box.with_point(float(cx), float(cy), 0))
+    assert cut.area < 0.95 * full.area
+    assert not (cut.mask & ~full.mask).any() or (cut.mask & ~full.mask).sum() < 10
+
+
+def test_user_box_gets_the_model_margin_and_propagation_boxes_do_not(backend, phantom):
+    """predict() widens a drawn box by the model's margin (LiteMedSAM under-segments from tight
+    boxes); box_margin=0 decodes it as drawn, which is exactly what decode() does."""
+    from SAMSegmentLib.preprocessing import widen_box
+    from SAMSegmentLib.session import SegmentationSession
+
+    vol, mask = phantom
+    box = np.array(box_of(mask[12]), dtype=float)
+    ref = SliceRef(0, 12)
+    with SegmentationSession(model=backend) as s, SegmentationSession(model=backend, box_margin=0) as raw:
+        s.set_volume(vol)
+        raw.set_volume(vol)
+        assert s.box_margin == backend.spec.box_margin == 0.1
+        widened = s.predict(ref, Prompts(box=box))
+        geom = s.geometry(ref)
+        expected = widen_box(box, geom, 0.1, backend.spec.box_margin_min_px)
+        np.testing.assert_allclose(widened.prompts.box, expected)
+        side = box[2:] - box[:2] + 1
+        np.testing.assert_allclose(expected[:2], box[:2] - 0.1 * side)  # 10 % of each side, per axis
+        np.testing.assert_allclose(widened.logits, s.decode(ref, Prompts(box=expected)).logits, atol=1e-2)
+        as_drawn = raw.predict(ref, Prompts(box=box))
+        np.testing.assert_array_equal(as_drawn.prompts.box, box)
+        np.testing.assert_allclose(as_drawn.logits, s.decode(ref, Prompts(box=box)).logits, atol=1e-2)
+        assert np.abs(widened.logits - as_drawn.logits).max() > 0.1  # and the margin did change the answer
+        # the margin never leaves the slice, and a degenerate box is refused as drawn, not widened
+        h, w = vol.shape[1:]
+        edge = s.predict(ref, Prompts(box=[0, 0, w - 1, 40]))
+        assert edge.prompts.box[0] == 0 and edge.prompts.box[2] == w - 1
+        with pytest.raises(PromptError, match="zero area"):
+            s.predict(ref, Prompts(box=[10, 10, 10, 40]))
+        # a small box still gets at least box_margin_min_px model pixels
+        tiny = widen_box(np.array([50.0, 50.0, 52.0, 52.0]), geom, 0.1, 2.0)
+        assert np.allclose(tiny, [50 - 2 / geom.scale_xy[0], 50 - 2 / geom.scale_xy[1],
+                                  52 + 2 / geom.scale_xy[0], 52 + 2 / geom.scale_xy[1]])
+    with pytest.raises(SAMSegmentError, match="Box margin"):
+        SegmentationSession(model=backend, box_margin=-0.1)
 
 
 def test_constant_slice_is_refused(session, phantom):

@@ -67,6 +67,12 @@ def test_configure_from_parameters_and_rules(mrml, core):
     rules = core.rules_from_parameters(params)
     assert (rules.min_iou, rules.min_score, rules.min_intensity_agreement, rules.index_range) == (0.3, 0.1, 0.4, (2, 9))
     assert "litemedsam" in core.model_ids()
+    assert core.session.box_margin == 0.1  # LiteMedSAM's margin on user boxes ...
+    params.boxMargin = False
+    core.configure_from_parameters(params)
+    assert core.session.box_margin == 0.0  # ... and boxes as drawn when the user unticks it
+    core.set_box_margin(True)  # the checkbox, between two prompts
+    assert core.session.box_margin == 0.1
     status = core.cache_status()
     assert status["slices"] == 0 and status["mib"] == 0
 
