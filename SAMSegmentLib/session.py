@@ -326,8 +326,7 @@ class SegmentationSession:
                               "or choose a SAM model for click-only prompts")
         if prompts.box is not None and self.box_margin > 0.0:
             checked = self._check_prompts(ref, prompts)  # a zero-area or outside box is refused as drawn
-            box = widen_box(checked.box, self.geometry(ref), self.box_margin, self.backend.spec.box_margin_min_px)
-            prompts = Prompts(checked.points, checked.labels, box)
+            prompts = Prompts(checked.points, checked.labels, self.user_box(ref, checked.box))
         mask_input = None
         with self._lock:
             history = self._history.get(ref)
@@ -335,6 +334,13 @@ class SegmentationSession:
         if refine and self.refine_with_logits and previous is not None and len(prompts.points):
             mask_input = previous.low_res_logits
         return self.decode(ref, prompts, mask_input=mask_input, record=True)
+
+    def user_box(self, ref: SliceRef, box: np.ndarray) -> np.ndarray:
+        """The box ``predict`` decodes for ``box`` drawn by the user on ``ref`` (widened by
+        ``box_margin``); anything that reasons about the user's box decodes this one too."""
+        if self.box_margin <= 0.0:
+            return np.asarray(box, dtype=np.float64)
+        return widen_box(box, self.geometry(ref), self.box_margin, self.backend.spec.box_margin_min_px)
 
     def current(self, ref: SliceRef) -> Prediction | None:
         with self._lock:

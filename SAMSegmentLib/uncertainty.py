@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .errors import PromptError, SAMSegmentError
-from .preprocessing import clip_box, validate_prompt_geometry, widen_box
+from .preprocessing import clip_box, validate_prompt_geometry
 from .prompts import Prompts
 from .volume import SliceRef, check_slice_ref
 from .worker import PRIORITY_INTERACTIVE
@@ -104,10 +104,8 @@ def prompt_uncertainty(session: Any, ref: SliceRef, prompts: Prompts, n: int = 1
     if int(image.min()) == int(image.max()):
         raise SAMSegmentError(f"Slice {ref.index} is constant after windowing; nothing to segment",
                               "choose another slice or widen the intensity window")
-    box = None if prompts.box is None else clip_box(prompts.box, h, w)
-    margin = float(getattr(session, "box_margin", 0.0))
-    if box is not None and margin > 0.0:  # jitter around the box ``predict`` decodes, not the one drawn
-        box = widen_box(box, session.geometry(ref), margin, session.backend.spec.box_margin_min_px)
+    # jitter around the box ``predict`` decodes (with the model's margin), not the one drawn
+    box = None if prompts.box is None else session.user_box(ref, clip_box(prompts.box, h, w))
     base = Prompts(prompts.points, prompts.labels, box)
 
     def run() -> tuple[np.ndarray, np.ndarray]:

@@ -74,6 +74,23 @@ def test_blurred_edge_is_more_uncertain_than_sharp_edge(edge_session):
     assert var.max() <= 0.25 + 1e-6 and var[32:64, 62:74].mean() > var[32:64, 22:34].mean()
 
 
+def test_jitter_is_around_the_box_predict_decodes(edge_session):
+    """The maps describe the mask the user sees: with the model's box margin on, the jitter centres
+    on the widened box, so the mean map changes when the margin is switched off."""
+    s, _ = edge_session
+    ref, box = SliceRef(0, 0), Prompts(box=[27, 27, 68, 68])
+    assert s.box_margin > 0
+    widened, _ = prompt_uncertainty(s, ref, box, n=4, jitter=0.05, seed=0)
+    s.box_margin = 0.0
+    try:
+        drawn, _ = prompt_uncertainty(s, ref, box, n=4, jitter=0.05, seed=0)
+    finally:
+        s.box_margin = s.backend.spec.box_margin
+    assert np.abs(widened - drawn).max() > 0.05
+    shown = s.predict(ref, box, refine=False).mask
+    assert ((widened > 0.5) == shown).mean() > ((drawn > 0.5) == shown).mean() - 1e-9
+
+
 def test_box_model_refuses_points_only(edge_session):
     s, _ = edge_session
     with pytest.raises(PromptError):
