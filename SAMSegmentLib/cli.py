@@ -278,8 +278,11 @@ def cmd_models(args: argparse.Namespace) -> int:
             except SAMSegmentError as exc:
                 where = f"MISSING: {exc}"
         mark = " (default)" if spec.id == default else ""
+        prompts = "a box (points refine it)" if spec.needs_box else "points and/or a box"
+        if spec.box_margin > 0:
+            prompts += f"; boxes widened by {spec.box_margin:.0%} of their side (--box-margin)"
         print(f"{spec.id}{mark}\n  {spec.name}: {spec.description}\n  input {spec.image_size}px, weights: {where}\n"
-              f"  license {spec.license}; cite: {spec.citation}")
+              f"  prompts: {prompts}\n  license {spec.license}; cite: {spec.citation}")
     try:
         print(f"devices: {', '.join(available_devices())} (auto picks the first)")
     except ImportError:

@@ -128,6 +128,7 @@ def test_models_lists_bundled_and_user_models(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "litemedsam (default)" in out and "bundled" in out and "sam_vit_h" in out and "--checkpoint" in out
+    assert "boxes widened by 10% of their side" in out
 
 
 def test_demo_prints_dice_and_writes_files(tmp_path, capsys):
