@@ -225,8 +225,8 @@ def widen_box(box: np.ndarray, geometry: SliceGeometry, fraction: float, min_mod
     """``box`` enlarged on each side by ``fraction`` of its side, and by at least ``min_model_px``
     pixels of the model input, clipped to the slice.
 
-    Why: box-trained models (MedSAM, LiteMedSAM) learnt from boxes jittered outward around the
-    object, so a box drawn tight to the boundary is outside what they saw and they under-segment,
+    Why: box-trained models (MedSAM, LiteMedSAM) learnt from boxes perturbed around the object,
+    so a box drawn tight to the boundary is at the edge of what they saw and they under-segment,
     badly on some MR slices (bench/accuracy.py: LiteMedSAM anchor Dice on the sample MR spleen 0.07
     from the tight box, 0.87 with a 10 % margin). A fraction keeps the margin in proportion to the
     object at any resolution; the floor keeps it above the model's pixel size for small objects.
