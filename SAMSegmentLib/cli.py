@@ -10,12 +10,13 @@ RAS: negate the first two numbers); the slice is the one the points lie on.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -179,6 +180,23 @@ def _progress(desc: str, total: int):
     return bar, update
 
 
+@contextlib.contextmanager
+def _interruptible(desc: str, total: int) -> Iterator[tuple[Any, Any]]:
+    """(progress callback, cancel token) for one long engine call, with a progress bar that is
+    always closed; Ctrl-C first cancels the token, so the session's workers stop too, then goes on up."""
+    from .worker import CancelToken
+
+    cancel = CancelToken()
+    bar, update = _progress(desc, total)
+    try:
+        yield update, cancel
+    except KeyboardInterrupt:
+        cancel.cancel()
+        raise
+    finally:
+        bar.close()
+
+
 def _slice_prompts(args: argparse.Namespace, geometry: Any, shape: tuple[int, ...]):
     """(SliceRef, Prompts) from the command line, in slice pixel coordinates."""
     from .prompts import Prompts
@@ -325,7 +343,6 @@ def _rules(args: argparse.Namespace):
 def cmd_propagate(args: argparse.Namespace) -> int:
     from . import io as sio
     from .propagation import propagate
-    from .worker import CancelToken
 
     volume, geometry = sio.read_volume(args.image)
     axis = _axis(args.axis)
@@ -344,17 +361,10 @@ def cmd_propagate(args: argparse.Namespace) -> int:
             pred = session.predict(ref, prompts)
             print(f"Slice {ref.index} (axis {'kji'[axis]}): {pred.area} pixels, model score {pred.score:.3f}")
             anchors = {ref.index: pred.mask}
-        cancel = CancelToken()
-        bar, update = _progress("propagating", volume.shape[axis] - len(anchors))
         t0 = time.perf_counter()
-        try:
+        with _interruptible("propagating", volume.shape[axis] - len(anchors)) as (update, cancel):
             result = propagate(session, axis, anchors, direction=args.direction, rules=_rules(args),
                                progress=update, cancel=cancel)
-        except KeyboardInterrupt:
-            cancel.cancel()
-            raise
-        finally:
-            bar.close()
         elapsed = time.perf_counter() - t0
         for stop in result.stops:
             way = "up" if stop.direction > 0 else "down"
@@ -483,7 +493,6 @@ def _add_analysis_parsers(sub: Any) -> None:
 def cmd_everything(args: argparse.Namespace) -> int:
     from . import io as sio
     from .automatic import everything_volume
-    from .worker import CancelToken
 
     volume, geometry = sio.read_volume(args.image)
     axis = _axis(args.axis)
@@ -501,17 +510,10 @@ def cmd_everything(args: argparse.Namespace) -> int:
     params = _everything_params(args)
     with _session(args) as session:
         session.set_volume(volume, window=_window(args.window), modality=args.modality)
-        cancel = CancelToken()
-        bar, update = _progress("everything", len(indices))
         t0 = time.perf_counter()
-        try:
+        with _interruptible("everything", len(indices)) as (update, cancel):
             labels = everything_volume(session, axis, indices, params, link=not args.per_slice_labels,
                                        link_iou=args.link_iou, progress=update, cancel=cancel)
-        except KeyboardInterrupt:
-            cancel.cancel()
-            raise
-        finally:
-            bar.close()
         elapsed = time.perf_counter() - t0
         count = len(np.unique(labels)) - (1 if (labels == 0).any() else 0)
         dtype = np.uint16 if labels.max() < 2**16 else np.int32
