@@ -32,8 +32,11 @@ DEFAULTS = {"ct-abdomen-3mm": ["spleen", "liver", "kidney_left", "kidney_right",
             "mr-abdomen-3mm": ["liver", "spleen", "aorta", "kidney_left", "kidney_right"]}
 TARGETS = {("ct-abdomen-3mm", "spleen"): 0.96, ("ct-abdomen-3mm", "liver"): 0.93,
            ("ct-abdomen-3mm", "kidney_left"): 0.94}
-# Fixed prompt rules for comparison (the default PromptPolicy is what "dice" reports).
-FIXED = {"dice_fixed_3px": PromptPolicy(paddings=((3.0, 0.0),), mask_threshold=0.0),
+# Fixed prompt rules for comparison (the default PromptPolicy is what "dice" reports: a tight
+# box where the anchor test and the running comparison allow it, else the loose box alone, which
+# "dice_loose_box_only" reports).
+FIXED = {"dice_loose_box_only": PromptPolicy(paddings=((PromptPolicy.safe_padding, 0.0),)),
+         "dice_fixed_3px": PromptPolicy(paddings=((3.0, 0.0),), mask_threshold=0.0),
          "dice_fixed_10pct": PromptPolicy(paddings=((0.0, 0.10),), mask_threshold=0.0)}
 
 
@@ -64,7 +67,10 @@ def evaluate(session: SegmentationSession, labels: np.ndarray, value: int) -> di
         box = Prompts(box=box_of(ref3[i]))
         oracle[i] = session.predict(SliceRef(0, int(i)), box, refine=False).mask
         oracle_drawn[i] = session.decode(SliceRef(0, int(i)), box).mask
-    return {"dice": round(dice(seg, ref3), 4), **fixed, "oracle_dice": round(dice(oracle, ref3), 4),
+    switched = sorted(i for i, o in result.outcomes.items() if "shrank" in o.candidate)
+    return {"dice": round(dice(seg, ref3), 4), "anchor_stability": round(result.anchor_stability[k], 4),
+            "tight_box_leads": result.anchor_stability[k] >= PromptPolicy.min_stable_area_ratio,
+            "switched_to_loose_at": switched, **fixed, "oracle_dice": round(dice(oracle, ref3), 4),
             "oracle_dice_box_as_drawn": round(dice(oracle_drawn, ref3), 4),
             "anchor_dice": round(dice(anchor, ref3[k]), 4), "anchor_dice_box_as_drawn": round(dice(drawn, ref3[k]), 4),
             "anchor_slice": k, "slices_written": len(result.masks) + 1,
