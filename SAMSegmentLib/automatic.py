@@ -198,9 +198,10 @@ def decoder_plan(backend: Any, params: EverythingParams, multimask: bool) -> tup
 
 
 def decode_prompts(backend: Any, embedding: Any, geom: Any, prompts: np.ndarray, boxes: bool, multimask: bool,
-                   path: str) -> tuple[Any, Any]:
+                   path: str, features_key: Any = None) -> tuple[Any, Any]:
     """Decode a chunk of grid prompts (boxes (B, 4) or points (B, 2)) by ``path``: low-res logits
-    (B, C, L, L) and predicted IoU (B, C), as ``decode_batch`` returns them."""
+    (B, C, L, L) and predicted IoU (B, C), as ``decode_batch`` returns them. ``features_key``
+    names ``embedding`` for the backend across chunks (``SamBackend.decode``)."""
     import torch
 
     if path == "batched":
@@ -208,12 +209,13 @@ def decode_prompts(backend: Any, embedding: Any, geom: Any, prompts: np.ndarray,
             return decode_batch(backend, embedding, geom, boxes=prompts)
         return decode_batch(backend, embedding, geom, points=prompts[:, None, :], multimask=multimask)
     lows, ious = [], []
+    key = features_key if features_key is not None else object()
     for pr in prompts:
         if boxes:
-            out = backend.decode(embedding, geom, box=pr)
+            out = backend.decode(embedding, geom, box=pr, features_key=key)
         else:
             out = backend.decode(embedding, geom, np.asarray(pr, dtype=np.float64)[None], np.ones(1, np.int64),
-                                 multimask=multimask)
+                                 multimask=multimask, features_key=key)
         lows.append(out.low_res_logits.float().cpu())
         ious.append(torch.tensor([[out.score]]))
     return torch.cat(lows), torch.cat(ious)
@@ -348,6 +350,7 @@ def _everything_now(session: Any, ref: SliceRef, p: EverythingParams, progress: 
 
     backend = session.backend
     emb = session.embedding(ref)  # inline: we are on the worker thread
+    key = object()  # names emb for the backend: its decoder features are computed once for all prompts
     geom = session.geometry(ref)
     h, w = geom.height, geom.width
     valid = low_res_valid_size(geom, LOW_RES_SIZE)
@@ -365,7 +368,7 @@ def _everything_now(session: Any, ref: SliceRef, p: EverythingParams, progress: 
         if cancel is not None:
             cancel.raise_if_cancelled()
         chunk = prompts[start:start + size]
-        low_res, iou = decode_prompts(backend, emb, geom, chunk, boxes, multimask, path)
+        low_res, iou = decode_prompts(backend, emb, geom, chunk, boxes, multimask, path, key)
         _filter(low_res, iou, chunk, p, valid, min_px, max_px, cands, loose=refine)
         if progress is not None:
             progress(min(start + size, total), total, f"slice {ref.index}: {start + len(chunk)} prompts decoded")
@@ -381,7 +384,7 @@ def _everything_now(session: Any, ref: SliceRef, p: EverythingParams, progress: 
             if cancel is not None:
                 cancel.raise_if_cancelled()
             chunk = tight[start:start + size]
-            low_res, iou = decode_prompts(backend, emb, geom, chunk, True, False, path)
+            low_res, iou = decode_prompts(backend, emb, geom, chunk, True, False, path, key)
             _filter(low_res, iou, chunk, p, valid, min_px, max_px, refined)
         logits, scores, stab, used = refined.cat()
         keep = mask_nms(logits[:, :valid[0], :valid[1]] > 0, scores * stab, p.nms_iou)

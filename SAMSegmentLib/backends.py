@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Hashable
 
 import numpy as np
 
@@ -24,6 +25,8 @@ from .device import select_device
 from .errors import CheckpointError, MemoryBudgetError
 from .model_registry import ModelSpec, get_spec, resolve_weights
 from .preprocessing import SliceGeometry
+from .runtimes import FEATURES_OUTPUTS as FEATURES_OUTPUT_NAMES
+from .runtimes import first_layer_split as runtimes_first_layer_split
 from .runtimes import part_runtimes, requested_runtime
 
 log = logging.getLogger(__name__)
@@ -32,6 +35,9 @@ SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 LOW_RES_SIZE = 256
 EMBEDDING_SHAPE = (256, 64, 64)
+# Slices whose decoder features (10 MiB each for SAM's decoder) stay ready: the slice being
+# prompted and the one before it.
+FEATURES_CACHE_SLICES = 2
 
 # encoder width/depth of the official SAM image encoders, for detecting a checkpoint's architecture
 _VIT_WIDTH_DEPTH = {"vit_b": (768, 12), "vit_l": (1024, 24), "vit_h": (1280, 32)}
@@ -163,6 +169,12 @@ class SamBackend:
         self._runtime_notes: list[str] = []
         self._runtime_ready = self.runtime == "eager"  # nothing to load
         self._runtime_lock = threading.Lock()
+        # ONNX decoding of SAM-layout decoders: per-slice features (runtimes.slice_features_module),
+        # kept for the last few slices decoded, so repeated prompts on a slice skip that work
+        self._decoder_split = runtimes_first_layer_split(self.prompt_encoder, self.mask_decoder)
+        self._features_eager: Any = None
+        self._features: OrderedDict[Hashable, tuple[np.ndarray, ...]] = OrderedDict()
+        self._features_lock = threading.Lock()
 
     @classmethod
     def from_model_id(cls, model_id: str, checkpoint: str | Path | None = None, device: str | None = None,
@@ -196,6 +208,8 @@ class SamBackend:
                 if not self._runtime_ready:
                     for part in ("encoder", "decoder"):
                         self._load_graph(part)
+                    if self._decoder_split and "decoder" in self._graphs:
+                        self._load_graph("features")
                     self._runtime_ready = True
         return self.runtime_info()
 
@@ -221,7 +235,7 @@ class SamBackend:
     def _load_graph(self, part: str) -> None:
         from . import runtimes
 
-        if self._part_runtime[part] != "onnx":
+        if self._part_runtime.get(part, self._part_runtime["decoder"]) != "onnx":
             return
         try:
             import torch
@@ -236,6 +250,11 @@ class SamBackend:
                 example = (torch.rand(1, 3, s, s, generator=gen),)
                 graph = runtimes.load_or_export(part, signature, cache_dir, lambda: self.image_encoder, example,
                                                 runtimes.ENCODER_INPUTS, runtimes.ENCODER_OUTPUTS)
+            elif part == "features":
+                example = (torch.randn(1, self.prompt_encoder.embed_dim, *self.prompt_encoder.image_embedding_size,
+                                       generator=gen),)
+                graph = runtimes.load_or_export(part, signature, cache_dir, lambda: self._features_module(), example,
+                                                runtimes.FEATURES_INPUTS, runtimes.FEATURES_OUTPUTS)
             else:
                 emb_h, emb_w = (int(v) for v in self.prompt_encoder.image_embedding_size)
                 mask_h, mask_w = (int(v) for v in self.prompt_encoder.mask_input_size)
@@ -249,13 +268,28 @@ class SamBackend:
                           (example[0], example[1][:, :2], torch.tensor([[1.0, -1.0]]), example[3], example[4])]
                 dynamic = {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"},
                            "mask_input": {2: "mask_height", 3: "mask_width"}}
+                names = runtimes.DECODER_INPUTS
+                if self._decoder_split:  # the slice's features replace the embedding; the masks to upscale are chosen
+                    with torch.inference_mode():
+                        features = tuple(t.clone() for t in self._features_module()(example[0]))
+                    multi = torch.arange(1, int(self.mask_decoder.num_mask_tokens))
+                    example = (*features, *example[1:], multi)
+                    checks = [(*features, *c[1:], torch.zeros(1, dtype=torch.int64)) for c in checks]
+                    dynamic = {**dynamic, "mask_index": {0: "num_masks"}, "masks": {1: "num_masks"}}
+                    names = runtimes.SPLIT_DECODER_INPUTS
+                split = self._decoder_split
                 graph = runtimes.load_or_export(
                     part, signature, cache_dir,
-                    lambda: runtimes.prompt_decoder_module(self.prompt_encoder, self.mask_decoder), example,
-                    runtimes.DECODER_INPUTS, runtimes.DECODER_OUTPUTS, dynamic, checks)
+                    lambda: runtimes.prompt_decoder_module(self.prompt_encoder, self.mask_decoder, split), example,
+                    names, runtimes.DECODER_OUTPUTS, dynamic, checks)
             self._graphs[part] = graph
         except Exception as exc:  # noqa: BLE001 - any failure means eager, never a crash
             first = str(exc).splitlines()[0] if str(exc) else ""
+            if part == "features":  # the decoder graph still runs; its inputs come from PyTorch
+                log.warning("%s slice features: ONNX Runtime not used (%s); computing them in PyTorch", self.spec.id,
+                            f"{exc.__class__.__name__}: {first}")
+                self._runtime_notes.append(f"features: {exc.__class__.__name__}: {first}")
+                return
             self._fall_back(part, f"{exc.__class__.__name__}: {first}")
 
     def _graph(self, part: str):
@@ -318,13 +352,17 @@ class SamBackend:
 
     def decode(self, embedding, geom: SliceGeometry, points: np.ndarray | None = None,
                labels: np.ndarray | None = None, box: np.ndarray | None = None,
-               mask_input=None, multimask: bool = False) -> DecodeResult:
-        """Decode prompts given in slice pixels; ``mask_input`` is low-res logits (1, 1, 256, 256)."""
+               mask_input=None, multimask: bool = False, features_key: Hashable | None = None) -> DecodeResult:
+        """Decode prompts given in slice pixels; ``mask_input`` is low-res logits (1, 1, 256, 256).
+
+        ``features_key``: names ``embedding`` (the same key must always mean the same embedding, e.g.
+        the embedding cache's key, or an ``object()`` held while one embedding is decoded many
+        times), so that the ONNX path computes the slice's prompt-independent decoder features once."""
         import torch
 
         graph = self._graph("decoder")
         if graph is not None:
-            out = self._decode_onnx(graph, embedding, geom, points, labels, box, mask_input, multimask)
+            out = self._decode_onnx(graph, embedding, geom, points, labels, box, mask_input, multimask, features_key)
             if out is not None:
                 return out
         dev = self.device
@@ -355,7 +393,7 @@ class SamBackend:
 
     def _decode_onnx(self, graph: Any, embedding: Any, geom: SliceGeometry, points: np.ndarray | None,
                      labels: np.ndarray | None, box: np.ndarray | None, mask_input: Any,
-                     multimask: bool) -> DecodeResult | None:
+                     multimask: bool, features_key: Hashable | None = None) -> DecodeResult | None:
         """``decode`` through the ONNX decoder graph; None for the rare prompts it does not cover."""
         import torch
 
@@ -373,18 +411,58 @@ class SamBackend:
         else:
             mask = mask_input.detach().to("cpu", torch.float32).contiguous().numpy()
             has_mask = np.ones(1, np.float32)
-        emb = embedding.detach().to("cpu", torch.float32).contiguous().numpy()
+        feeds = {"point_coords": tokens[0], "point_labels": tokens[1], "mask_input": mask, "has_mask_input": has_mask}
+        first = 1 if multimask else 0  # index of the first mask the graph returns
         try:
-            masks, iou = graph.run({"image_embeddings": emb, "point_coords": tokens[0], "point_labels": tokens[1],
-                                    "mask_input": mask, "has_mask_input": has_mask})
+            if self._decoder_split:
+                features = self._slice_features(embedding, features_key)
+                feeds.update(zip(FEATURES_OUTPUT_NAMES, features))
+                stop = int(self.mask_decoder.num_mask_tokens) if multimask else 1
+                feeds["mask_index"] = np.arange(first, stop, dtype=np.int64)
+            else:
+                feeds["image_embeddings"] = embedding.detach().to("cpu", torch.float32).contiguous().numpy()
+                first = 0  # this graph returns every mask
+            masks, iou = graph.run(feeds)
         except Exception as exc:  # noqa: BLE001
             self._fall_back("decoder", f"inference failed: {exc.__class__.__name__}: {exc}")
             return None
-        best = 1 + int(np.argmax(iou[0, 1:])) if multimask else 0
-        low_res = torch.from_numpy(np.ascontiguousarray(masks[:, best:best + 1]))
+        pick = 1 + int(np.argmax(iou[0, 1:])) if multimask else 0  # index among all M masks
+        low_res = torch.from_numpy(np.ascontiguousarray(masks[:, pick - first:pick - first + 1]))
         with torch.inference_mode():
             full = geom.low_res_to_slice(low_res, LOW_RES_SIZE)
-        return DecodeResult(full[0, 0].numpy(), float(iou[0, best]), low_res)
+        return DecodeResult(full[0, 0].numpy(), float(iou[0, pick]), low_res)
+
+    def _features_module(self) -> Any:
+        if self._features_eager is None:
+            from .runtimes import slice_features_module
+
+            self._features_eager = slice_features_module(self.prompt_encoder, self.mask_decoder)
+        return self._features_eager
+
+    def _slice_features(self, embedding: Any, key: Hashable | None) -> tuple[np.ndarray, ...]:
+        """The decoder graph's per-slice inputs for ``embedding``: from the small cache under ``key``,
+        else computed (features graph, or PyTorch when it could not be loaded) and kept there."""
+        import torch
+
+        if key is not None:
+            with self._features_lock:
+                found = self._features.get(key)
+                if found is not None:
+                    self._features.move_to_end(key)
+                    return found
+        emb = embedding.detach().to("cpu", torch.float32).contiguous()
+        graph = self._graphs.get("features")
+        if graph is not None:
+            features = tuple(graph.run({"image_embeddings": emb.numpy()}))
+        else:
+            with torch.inference_mode():
+                features = tuple(t.contiguous().numpy() for t in self._features_module()(emb))
+        if key is not None:
+            with self._features_lock:
+                self._features[key] = features
+                while len(self._features) > FEATURES_CACHE_SLICES:
+                    self._features.popitem(last=False)
+        return features
 
 
 def _speed_up_mask_upscaling(mask_decoder: Any) -> None:

@@ -11,6 +11,11 @@ that ONNX Runtime cannot open, is exported again, never used. Anything that goes
 onnxruntime, an export the tracer cannot handle, an unwritable cache folder, a graph that does
 not reproduce the eager outputs) logs a warning and leaves that part on eager PyTorch.
 
+SAM-layout decoders (LiteMedSAM, SAM, MedSAM) run as two graphs: ``features`` (once per slice:
+the first decoder layer's projections of the image tokens, which no prompt changes) and
+``decoder`` (per prompt, taking them as inputs): cached prompt -> mask 38 -> 30 ms on 2 cores
+(bench/pipeline.py). If the features graph cannot be used, PyTorch computes the same inputs.
+
 Selection: ``runtime="auto"`` (default; also settable with ``$SAMSEGMENT_RUNTIME``) picks ONNX
 Runtime on a CPU device when ``onnxruntime`` imports, eager PyTorch on CUDA/MPS (the CPU
 execution provider would move every tensor off the GPU); on CPU it keeps the ViT-L/H image
@@ -49,7 +54,7 @@ RUNTIME_ENV = "SAMSEGMENT_RUNTIME"
 CACHE_ENV = "SAMSEGMENT_CACHE"
 ONNX_OPSET = 17
 # Bump whenever the exported graphs change (wrapper code, inputs, outputs): old files are then stale.
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 2
 MODEL_FILE = "model.onnx"
 SIGNATURE_FILE = "signature.json"
 # Exported graphs are checked against eager PyTorch once, on the export's own example input.
@@ -59,6 +64,10 @@ ENCODER_INPUTS = ("image",)
 ENCODER_OUTPUTS = ("image_embeddings",)
 DECODER_INPUTS = ("image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input")
 DECODER_OUTPUTS = ("masks", "iou_predictions")
+# SAM-layout decoders run as two graphs: per-slice features once, then the decoder per prompt.
+FEATURES_INPUTS = ("image_embeddings",)
+FEATURES_OUTPUTS = ("image_tokens", "image_keys", "image_values", "image_queries")
+SPLIT_DECODER_INPUTS = FEATURES_OUTPUTS + DECODER_INPUTS[1:] + ("mask_index",)
 # Token labels of the decoder graph: SAM's prompt encoder vocabulary.
 LABEL_PADDING, LABEL_EXCLUDE, LABEL_INCLUDE, LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT = -1, 0, 1, 2, 3
 
@@ -341,7 +350,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 # ----------------------------------------------------------------------------- exportable graphs
-def prompt_decoder_module(prompt_encoder: Any, mask_decoder: Any):
+def prompt_decoder_module(prompt_encoder: Any, mask_decoder: Any, split_first_layer: bool = False):
     """Prompt encoder + mask decoder as one traceable module with fixed-type inputs.
 
     Inputs: ``image_embeddings`` (1, 256, 64, 64); ``point_coords`` (1, N, 2) in the model input
@@ -359,10 +368,19 @@ def prompt_decoder_module(prompt_encoder: Any, mask_decoder: Any):
     products on the transformer's token-major output, with one small reorder of the final (M,
     256x256) logits, instead of transposing 32- and 64-channel feature maps (in ONNX Runtime a
     third of the decoder's time went to Transpose and strided ReduceMean; 80-90 ms -> 45-55 ms).
+
+    ``split_first_layer`` (needs ``first_layer_split``): the inputs start with the slice's
+    ``image_tokens``, ``image_keys``, ``image_values``, ``image_queries`` from
+    ``slice_features_module`` instead of ``image_embeddings`` (the first layer uses them instead of
+    projecting the image tokens), and end with ``mask_index`` (K,) int64, the masks to upscale:
+    the outputs are then those K masks (1, K, 256, 256) and all M predicted IoUs. Upscaling and
+    reordering the three multimask outputs nobody asked for was ~1 ms of a single-mask call.
     """
     import torch
 
     tail = _channels_last_upscaling(mask_decoder)
+    if split_first_layer and not first_layer_split(prompt_encoder, mask_decoder):
+        raise ValueError("this decoder's layout does not allow splitting its first layer")
 
     class PromptDecoder(torch.nn.Module):
         def __init__(self) -> None:
@@ -380,30 +398,155 @@ def prompt_decoder_module(prompt_encoder: Any, mask_decoder: Any):
                 self.register_buffer("image_pe", prompt_encoder.get_dense_pe().detach().clone())
             self.tail = tail
 
-        def forward(self, image_embeddings, point_coords, point_labels, mask_input, has_mask_input):
+        def sparse(self, point_coords, point_labels):
             labels = point_labels.unsqueeze(-1)
             pe = self.pe_layer.forward_with_coords(point_coords + 0.5, self.input_size)
             sparse = pe * (labels != LABEL_PADDING).to(pe.dtype)
             sparse = sparse + self.not_a_point * (labels == LABEL_PADDING).to(pe.dtype)
             for i in range(self.label_embeddings.shape[0]):
                 sparse = sparse + self.label_embeddings[i] * (labels == i).to(pe.dtype)
+            dec = self.mask_decoder
+            tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0).unsqueeze(0)
+            return sparse, torch.cat([tokens, sparse], dim=1)
+
+        def heads(self, hs, src_tokens, h: int, w: int, mask_index=None):
+            dec = self.mask_decoder
+            iou_pred = dec.iou_prediction_head(hs[:, 0, :])
+            hyper_in = torch.stack([mlp(hs[:, 1 + i, :]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)],
+                                   dim=1)[0]  # (M, C2)
+            if mask_index is not None:
+                hyper_in = hyper_in.index_select(0, mask_index)
+            return self.tail(src_tokens[0], hyper_in, h, w), iou_pred
+
+        def forward(self, image_embeddings, point_coords, point_labels, mask_input, has_mask_input):
+            sparse, tokens = self.sparse(point_coords, point_labels)
             has = has_mask_input.reshape(1, 1, 1, 1)
             dense = has * self.mask_downscaling(mask_input) + (1.0 - has) * self.no_mask
             if self.tail is None:
                 return self.mask_decoder.predict_masks(image_embeddings=image_embeddings, image_pe=self.image_pe,
                                                        sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense)
-            dec = self.mask_decoder
-            tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0).unsqueeze(0)
-            tokens = torch.cat([tokens, sparse], dim=1)
             src = image_embeddings + dense
             b, c, h, w = src.shape
-            hs, src_tokens = dec.transformer(src, self.image_pe, tokens)  # src_tokens: (1, h*w, c)
-            iou_pred = dec.iou_prediction_head(hs[:, 0, :])
-            hyper_in = torch.stack([mlp(hs[:, 1 + i, :]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)],
-                                   dim=1)  # (1, M, C2)
-            return self.tail(src_tokens[0], hyper_in[0], h, w), iou_pred
+            hs, src_tokens = self.mask_decoder.transformer(src, self.image_pe, tokens)  # src_tokens: (1, h*w, c)
+            return self.heads(hs, src_tokens, h, w)
 
-    return PromptDecoder().eval()
+    class SplitPromptDecoder(PromptDecoder):
+        def __init__(self) -> None:
+            super().__init__()
+            layer = mask_decoder.transformer.layers[0]
+            self.head = torch.nn.Sequential(*list(prompt_encoder.mask_downscaling)[:-1])  # -> (1, 16, 64, 64)
+            last = prompt_encoder.mask_downscaling[-1]
+            with torch.no_grad():
+                w3 = last.weight.detach()[:, :, 0, 0].t()  # (16, 256): dense = h @ w3 + b3
+                b3 = last.bias.detach()
+                no_mask = prompt_encoder.no_mask_embed.weight.detach()[0]
+                self.register_buffer("pe_tokens", self.image_pe.flatten(2).permute(0, 2, 1).clone())
+                self.register_buffer("w_dense", w3.clone())
+                self.register_buffer("b_dense", b3.clone())
+                self.register_buffer("no_mask_token", no_mask.clone())
+                for name, proj in (("k", layer.cross_attn_token_to_image.k_proj),
+                                   ("v", layer.cross_attn_token_to_image.v_proj),
+                                   ("q", layer.cross_attn_image_to_token.q_proj)):
+                    wt = proj.weight.detach().t()  # (256, 128)
+                    self.register_buffer(f"m_{name}", (w3 @ wt).clone())  # the mask embedding's share, factored
+                    self.register_buffer(f"c_{name}", (b3 @ wt).clone())
+                    self.register_buffer(f"n_{name}", (no_mask @ wt).clone())  # the "no mask" vector's share
+            self.layer = layer
+            self.grid = tuple(int(v) for v in prompt_encoder.image_embedding_size)
+
+        def forward(self, image_tokens, image_keys, image_values, image_queries,  # type: ignore[override]
+                    point_coords, point_labels, mask_input, has_mask_input, mask_index):
+            _, tokens = self.sparse(point_coords, point_labels)
+            has = has_mask_input.reshape(1, 1, 1)
+            h16 = self.head(mask_input).flatten(2).permute(0, 2, 1)  # (1, cells, 16); 1 cell for the placeholder
+            h, w = self.grid
+            keys = image_tokens + (has * (h16 @ self.w_dense + self.b_dense) + (1.0 - has) * self.no_mask_token)
+
+            def shifted(base, name):
+                m, cst, n = (getattr(self, f"{p}_{name}") for p in ("m", "c", "n"))
+                return base + (has * (h16 @ m + cst) + (1.0 - has) * n)
+
+            layer = self.layer  # TwoWayAttentionBlock.forward, first layer (no query PE in self attention)
+            queries = layer.norm1(layer.self_attn(q=tokens, k=tokens, v=tokens))
+            t2i = layer.cross_attn_token_to_image
+            queries = layer.norm2(queries + _attend(t2i, t2i.q_proj(queries + tokens), shifted(image_keys, "k"),
+                                                    shifted(image_values, "v")))
+            queries = layer.norm3(queries + layer.mlp(queries))
+            i2t = layer.cross_attn_image_to_token
+            q = queries + tokens
+            keys = layer.norm4(keys + _attend(i2t, shifted(image_queries, "q"), i2t.k_proj(q), i2t.v_proj(queries)))
+            transformer = self.mask_decoder.transformer
+            for later in transformer.layers[1:]:
+                queries, keys = later(queries=queries, keys=keys, query_pe=tokens, key_pe=self.pe_tokens)
+            attn_out = transformer.final_attn_token_to_image(q=queries + tokens, k=keys + self.pe_tokens, v=keys)
+            queries = transformer.norm_final_attn(queries + attn_out)
+            return self.heads(queries, keys, h, w, mask_index)
+
+    return (SplitPromptDecoder() if split_first_layer else PromptDecoder()).eval()
+
+
+def first_layer_split(prompt_encoder: Any, mask_decoder: Any) -> bool:
+    """Whether the decoder has the layout ``slice_features_module`` and ``prompt_decoder_module``'s
+    split first layer assume: SAM's two-way transformer (first layer without query PE on its self
+    attention), its mask downscaling ending in a 1x1 convolution, its channels-last upscaling."""
+    import torch
+
+    transformer = getattr(mask_decoder, "transformer", None)
+    layers = getattr(transformer, "layers", None)
+    head = getattr(prompt_encoder, "mask_downscaling", None)
+    if not layers or not getattr(layers[0], "skip_first_layer_pe", False) or not isinstance(head, torch.nn.Sequential):
+        return False
+    last = head[-1]
+    if not (isinstance(last, torch.nn.Conv2d) and last.kernel_size == (1, 1) and last.bias is not None):
+        return False
+    attns = (layers[0].cross_attn_token_to_image, layers[0].cross_attn_image_to_token)
+    projections = [getattr(a, n, None) for a in attns for n in ("q_proj", "k_proj", "v_proj")]
+    return all(isinstance(m, torch.nn.Linear) for m in projections) and _channels_last_upscaling(mask_decoder) is not None
+
+
+def slice_features_module(prompt_encoder: Any, mask_decoder: Any):
+    """The decoder's first-layer projections of the image tokens, which no prompt changes.
+
+    In SAM's decoder the first layer projects the 64x64 image tokens (+ positional encoding)
+    three times (token->image keys and values, image->token queries) before any prompt token
+    meets them: three of the ten 4096x256x128 products of a decode, at the CPU's matmul peak.
+    Computed once per slice here; ``prompt_decoder_module(split_first_layer=True)`` takes them as
+    inputs and adds the only prompt-dependent part, the dense (mask) embedding's projection,
+    through its 16-channel factor (the mask embedding is a 1x1 convolution of 16 channels, so
+    ``W (x + dense) = W x + (W W3) h``: a 4096x16x128 product instead of 4096x256x128).
+    Input ``image_embeddings`` (1, 256, 64, 64); outputs the embedding token-major,
+    ``image_tokens`` (1, 4096, 256), which the decoder would otherwise transpose at every call,
+    and ``image_keys``, ``image_values``, ``image_queries`` (1, 4096, 128 with SAM's 2x attention
+    downsampling).
+    """
+    import torch
+
+    layer = mask_decoder.transformer.layers[0]
+
+    class SliceFeatures(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            with torch.no_grad():
+                self.register_buffer("pe", prompt_encoder.get_dense_pe().detach().flatten(2).permute(0, 2, 1).clone())
+            self.t2i, self.i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+
+        def forward(self, image_embeddings):
+            x = image_embeddings.flatten(2).permute(0, 2, 1)
+            xp = x + self.pe
+            return x.contiguous(), self.t2i.k_proj(xp), self.t2i.v_proj(x), self.i2t.q_proj(xp)
+
+    return SliceFeatures().eval()
+
+
+def _attend(attention: Any, q: Any, k: Any, v: Any) -> Any:
+    """SAM's ``Attention.forward`` after its three input projections (given here)."""
+    import math
+
+    import torch
+
+    q, k, v = (attention._separate_heads(t, attention.num_heads) for t in (q, k, v))
+    attn = torch.softmax((q @ k.permute(0, 1, 3, 2)) / math.sqrt(q.shape[-1]), dim=-1)
+    return attention.out_proj(attention._recombine_heads(attn @ v))
 
 
 def _channels_last_upscaling(mask_decoder: Any):

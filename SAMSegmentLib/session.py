@@ -292,7 +292,7 @@ class SegmentationSession:
             single_point = prompts.box is None and len(prompts.points) == 1
             multimask = single_point and mask_input is None and self.backend.spec.architecture != "litemedsam"
             out = self.backend.decode(emb, geom, prompts.points if len(prompts.points) else None, prompts.labels,
-                                      prompts.box, mask_input, multimask)
+                                      prompts.box, mask_input, multimask, features_key=self._key(ref))
             mask = out.logits > 0.0
             if self.fill_holes or self.largest_component:
                 from .postprocess import postprocess

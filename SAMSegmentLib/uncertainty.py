@@ -131,8 +131,10 @@ def prompt_uncertainty(session: Any, ref: SliceRef, prompts: Prompts, n: int = 1
         boxes = np.stack([s.box for s in samples]) if box is not None else None
         probs = []
         if backend.decoder_runtime == "onnx":  # one-prompt ONNX calls beat eager batches on CPU (bench/everything.py)
+            key = object()  # one embedding, many prompts: its decoder features are computed once
             for smp in samples:
-                out = backend.decode(emb, geom, smp.points if len(smp.points) else None, smp.labels, smp.box)
+                out = backend.decode(emb, geom, smp.points if len(smp.points) else None, smp.labels, smp.box,
+                                     features_key=key)
                 probs.append(1.0 / (1.0 + np.exp(-out.logits[None].astype(np.float64))))
         else:
             for start in range(0, n, 16):  # one decoder call per 16 samples: bounded memory for large n
