@@ -197,3 +197,20 @@ def test_policy_rethresholds_the_chosen_mask_from_its_logits():
     assert name == "box+3px/0%"
     assert chosen.mask.tolist() == [[False, False, True], [False, True, True]]
     assert PromptPolicy(mask_threshold=0.0).choose(logits > 0, [("a", pred)])[1] is pred
+
+
+def test_anchor_on_a_blank_slice_skips_the_tight_box_test(backend, moving):
+    """An anchor painted on a slice with no contrast cannot be decoded: the front goes on with
+    the loose box (its anchor test reads 0) instead of failing."""
+    from SAMSegmentLib.session import SegmentationSession
+
+    _, vol, mask = moving
+    vol = vol.copy()
+    k = 12
+    vol[k] = vol[k].min()
+    with SegmentationSession(model=backend) as s:
+        s.set_volume(vol)
+        result = propagate(s, 0, {k: mask[k]}, rules=StopRules(max_slices=2, min_intensity_agreement=0.0))
+    assert result.anchor_stability == {k: 0.0}
+    assert sorted(result.masks) == [k - 2, k - 1, k + 1, k + 2]
+    assert all(o.candidate == "box+3px/0%" for o in result.outcomes.values())
