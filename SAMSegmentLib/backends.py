@@ -25,9 +25,7 @@ from .device import select_device
 from .errors import CheckpointError, MemoryBudgetError
 from .model_registry import ModelSpec, get_spec, resolve_weights
 from .preprocessing import SliceGeometry
-from .runtimes import FEATURES_OUTPUTS as FEATURES_OUTPUT_NAMES
-from .runtimes import first_layer_split as runtimes_first_layer_split
-from .runtimes import part_runtimes, requested_runtime
+from .runtimes import FEATURES_OUTPUTS, first_layer_split, part_runtimes, requested_runtime
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +169,7 @@ class SamBackend:
         self._runtime_lock = threading.Lock()
         # ONNX decoding of SAM-layout decoders: per-slice features (runtimes.slice_features_module),
         # kept for the last few slices decoded, so repeated prompts on a slice skip that work
-        self._decoder_split = runtimes_first_layer_split(self.prompt_encoder, self.mask_decoder)
+        self._decoder_split = first_layer_split(self.prompt_encoder, self.mask_decoder)
         self._features_eager: Any = None
         self._features: OrderedDict[Hashable, tuple[np.ndarray, ...]] = OrderedDict()
         self._features_lock = threading.Lock()
@@ -412,16 +410,14 @@ class SamBackend:
             mask = mask_input.detach().to("cpu", torch.float32).contiguous().numpy()
             has_mask = np.ones(1, np.float32)
         feeds = {"point_coords": tokens[0], "point_labels": tokens[1], "mask_input": mask, "has_mask_input": has_mask}
-        first = 1 if multimask else 0  # index of the first mask the graph returns
         try:
-            if self._decoder_split:
-                features = self._slice_features(embedding, features_key)
-                feeds.update(zip(FEATURES_OUTPUT_NAMES, features))
-                stop = int(self.mask_decoder.num_mask_tokens) if multimask else 1
-                feeds["mask_index"] = np.arange(first, stop, dtype=np.int64)
-            else:
+            if self._decoder_split:  # the slice's features in; only the masks asked for come out
+                feeds.update(zip(FEATURES_OUTPUTS, self._slice_features(embedding, features_key)))
+                first, end = (1, int(self.mask_decoder.num_mask_tokens)) if multimask else (0, 1)
+                feeds["mask_index"] = np.arange(first, end, dtype=np.int64)
+            else:  # the embedding in; every mask comes out
                 feeds["image_embeddings"] = embedding.detach().to("cpu", torch.float32).contiguous().numpy()
-                first = 0  # this graph returns every mask
+                first = 0
             masks, iou = graph.run(feeds)
         except Exception as exc:  # noqa: BLE001
             self._fall_back("decoder", f"inference failed: {exc.__class__.__name__}: {exc}")
