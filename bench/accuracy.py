@@ -40,7 +40,9 @@ TARGETS = {("ct-abdomen-3mm", "spleen"): 0.96, ("ct-abdomen-3mm", "liver"): 0.93
 # Fixed prompt rules for comparison (the default PromptPolicy is what "dice" reports: a tight
 # box where the anchor test and the running comparison allow it, else the loose box alone, which
 # "dice_loose_box_only" reports).
-FIXED = {"dice_loose_box_only": PromptPolicy(paddings=((PromptPolicy.safe_padding, 0.0),)),
+LOOSE_ONLY = PromptPolicy(paddings=((PromptPolicy.safe_padding, 0.0),))
+TIGHT_ONLY = PromptPolicy(paddings=((PromptPolicy.tight_padding, 0.0),))
+FIXED = {"dice_loose_box_only": LOOSE_ONLY,
          "dice_fixed_3px": PromptPolicy(paddings=((3.0, 0.0),), mask_threshold=0.0),
          "dice_fixed_10pct": PromptPolicy(paddings=((0.0, 0.10),), mask_threshold=0.0)}
 
@@ -84,8 +86,7 @@ def evaluate(session: SegmentationSession, labels: np.ndarray, value: int) -> di
             "seconds": round(seconds, 2), "encodes": session.encode_count - calls_before}
 
 
-HELD_OUT_POLICIES = {"default": PromptPolicy(), "loose_box_only": PromptPolicy(paddings=((3.0, 0.0),)),
-                     "tight_box_only": PromptPolicy(paddings=((2.0, 0.0),))}
+HELD_OUT_POLICIES = {"default": PromptPolicy(), "loose_box_only": LOOSE_ONLY, "tight_box_only": TIGHT_ONLY}
 
 
 def held_out(session: SegmentationSession, labels: np.ndarray, names: dict[str, int], tuned: list[str]) -> list[dict]:
