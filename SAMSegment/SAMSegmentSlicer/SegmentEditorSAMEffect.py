@@ -126,8 +126,8 @@ class SegmentEditorSAMEffect(AbstractScriptedSegmentEditorEffect):
         xy = callerInteractor.GetEventPosition()
         interpreter = self.controller.interpreter
         if eventId == vtk.vtkCommand.LeftButtonPressEvent:
-            interpreter.press(xy, ctrl=bool(callerInteractor.GetControlKey()),
-                              shift=bool(callerInteractor.GetShiftKey()))
+            self.controller.press(viewWidget.mrmlSliceNode(), xy, ctrl=bool(callerInteractor.GetControlKey()),
+                                  shift=bool(callerInteractor.GetShiftKey()))
             return True
         if eventId == vtk.vtkCommand.MouseMoveEvent and interpreter.active:
             self._drawRubberBand(viewWidget, interpreter.move(xy))

@@ -31,7 +31,7 @@ from SAMSegmentLib.preprocessing import IntensityWindow
 from SAMSegmentLib.prompts import Prompts
 from SAMSegmentLib.propagation import PromptPolicy, PropagationResult, SliceOutcome, StopRules, propagate
 from SAMSegmentLib.volume import SliceRef
-from SAMSegmentLib.worker import CancelToken
+from SAMSegmentLib.worker import PRIORITY_INTERACTIVE, CancelToken
 
 from .geometry import ViewSlice, vtk_to_numpy_matrix, view_slice as _view_slice
 from .markups_prompts import MarkupsPrompts
@@ -258,6 +258,12 @@ class SAMSegmentCore:
         return self._scroll
 
     # ---------------------------------------------------------------- prompting
+    def warm(self, view: ViewSlice) -> Any:
+        """Start encoding ``view``'s slice on the worker, ahead of the neighbours it prefetches
+        (nothing when it is cached); the future resolves when the embedding is in the cache."""
+        self._require()
+        return self.session.encode_async(view.ref, PRIORITY_INTERACTIVE)
+
     def segment(self, view: ViewSlice, prompts: Prompts, refine: bool = True) -> Any:
         """Decode ``prompts`` on ``view``'s slice and show the result as the preview (blocking)."""
         self._require()

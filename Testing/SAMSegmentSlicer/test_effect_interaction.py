@@ -89,3 +89,26 @@ def test_rejected_point_is_not_kept(world):  # noqa: F811
     with pytest.raises(PromptError, match="box"):
         ctl.handle(node, Action("include", display_xy(node, ras)))
     assert ctl.state.points == []
+
+
+def test_mouse_down_starts_encoding_the_slice_shown(world):  # noqa: F811
+    """The encode starts on press, so a box drag overlaps it; the release decodes that embedding."""
+    import time
+
+    scene, core, volume, seg, _, truth = world
+    ras, ijk = centre_ras(volume, truth)
+    node = slice_node_through(scene, volume, "Axial", ras)
+    ctl = EffectController(core)
+    session, view = core.session, core.view_slice(node)
+    assert not session.is_cached(view.ref) and session.encode_count == 0
+    corner = geometry.ijk_to_ras(volume, [[10, 10, ijk[2]]])[0]
+    ctl.press(node, display_xy(node, corner))
+    assert ctl.interpreter.active
+    deadline = time.monotonic() + 60
+    while not session.is_cached(view.ref) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert session.is_cached(view.ref) and session.encode_count == 1  # before any release
+    ctl.interpreter.move(display_xy(node, ras))
+    pred = ctl.handle(node, ctl.interpreter.release(display_xy(node, ras)))
+    assert pred is not None and pred.area > 0
+    assert session.encode_count == 1  # (neighbour prefetches start only now and take far longer than this)
