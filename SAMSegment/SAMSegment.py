@@ -11,13 +11,15 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import ctk
 import qt
 import slicer
 import vtk
 from slicer import vtkMRMLMarkupsFiducialNode, vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
@@ -32,23 +34,31 @@ _SOURCE_ROOT = os.path.dirname(MODULE_DIR)
 if os.path.isdir(os.path.join(_SOURCE_ROOT, "SAMSegmentLib")) and _SOURCE_ROOT not in sys.path:
     sys.path.append(_SOURCE_ROOT)
 
-EFFECT_SOURCE = os.path.join(MODULE_DIR, "SAMSegmentSlicer", "SegmentEditorSAMEffect.py").replace("\\", "/")
+# The effect lives in a folder of its own that nothing imports: Slicer loads an effect file as a
+# module named after its folder and (5.10+) replaces sys.modules[<folder>] with it.
+EFFECT_SOURCE = os.path.join(MODULE_DIR, "SegmentEditorSAMLib", "SegmentEditorEffect.py").replace("\\", "/")
+
+from SAMSegmentSlicer.dependencies import check_supported  # noqa: E402 - needs MODULE_DIR on sys.path
+from SAMSegmentSlicer.logic import SAMSegmentCore  # noqa: E402
+
+MODEL_IDS = SAMSegmentCore.model_ids()
 
 
 # --------------------------------------------------------------------------------------------- module
 class SAMSegment(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "SAMSegment"
-        self.parent.categories = ["Segmentation"]
+        self.parent.title = _("SAMSegment")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = ["Segmentations", "Markups"]
         self.parent.contributors = ["SAMSegment developers"]
-        self.parent.helpText = (
-            "Segment structures with Segment Anything models (LiteMedSAM by default, offline): drag a box "
-            "(ROI) on any slice view, refine with include/exclude points, accept, then propagate through "
-            "adjacent slices. Also available as the 'SAM' effect in the Segment Editor. "
+        self.parent.helpText = _(
+            "Segment structures with Segment Anything models (LiteMedSAM by default, offline): place a box "
+            "(ROI: click one corner, then the opposite corner) on any slice view, refine with include/exclude "
+            "points, accept, then propagate through adjacent slices. Also available as the 'SAM' effect in the "
+            "Segment Editor, where a box is dragged. Needs 3D Slicer 5.10 or later. "
             '<a href="https://github.com/samsegment/SlicerSAMSegment">Documentation</a>.')
-        self.parent.acknowledgementText = (
+        self.parent.acknowledgementText = _(
             "LiteMedSAM and MedSAM: Ma J. et al., Nature Communications 2024. Segment Anything: Kirillov A. et al., "
             "ICCV 2023.")
         slicer.app.connect("startupCompleted()", registerSegmentEditorEffect)
@@ -61,9 +71,21 @@ def registerSegmentEditorEffect() -> None:
     except ImportError:  # Slicer without the Segment Editor (e.g. a custom app)
         logging.warning("SAMSegment: Segment Editor effects are unavailable; the SAM effect is not registered")
         return
+    if check_supported((slicer.app.majorVersion, slicer.app.minorVersion), sys.version_info[:2]) is not None:
+        return  # the module panel says why
     instance = effects.qSlicerSegmentEditorScriptedEffect(None)
-    instance.setPythonSource(EFFECT_SOURCE)
+    if not instance.setPythonSource(EFFECT_SOURCE) or instance.self() is None:
+        logging.error("SAMSegment: the SAM effect could not be loaded from %s (see the messages above)", EFFECT_SOURCE)
+        return
     instance.self().register()
+
+
+def segmentEditorWidget():
+    """The Segment Editor module's editor widget if the user has opened that module, else None.
+
+    ``slicer.modules.SegmentEditorWidget`` exists only once the module's widget was created
+    (qSlicerScriptedLoadableModuleWidget); looking it up never creates it."""
+    return getattr(getattr(slicer.modules, "SegmentEditorWidget", None), "editor", None)
 
 
 # --------------------------------------------------------------------------------------------- parameters
@@ -74,7 +96,7 @@ class SAMSegmentParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     segmentation: vtkMRMLSegmentationNode
     segmentID: str = ""
-    model: str = "litemedsam"
+    model: Annotated[str, Choice(MODEL_IDS)] = SAMSegmentCore.default_model()
     checkpoint: str = ""
     device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
     windowFromDisplay: bool = True
@@ -111,7 +133,6 @@ class SAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = SAMSegmentLogic()
         self.logic.on_error = lambda exc: self.setStatus(str(exc), error=True)
         self.ui = _build_panel(self.layout)
-        self.ui.modelSelector.addItems(self.logic.model_ids())
         self.ui.applyButton.connect("clicked()", self.onAccept)
         self.ui.undoButton.connect("clicked()", self.onUndo)
         self.ui.clearButton.connect("clicked()", self.onClear)
@@ -126,14 +147,17 @@ class SAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentSelector.connect("currentSegmentChanged(QString)", self.onSegmentChanged)
         self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)",
                                              lambda node: self.ui.segmentSelector.setCurrentNode(node))
-        for combo, name in ((self.ui.modelSelector, "model"), (self.ui.deviceSelector, "device"),
-                            (self.ui.directionSelector, "direction")):
-            combo.connect("currentTextChanged(QString)", lambda text, n=name: self.onTextParameterChanged(n, text))
-        self.ui.checkpointPath.connect("currentPathChanged(QString)",
-                                       lambda path: self.onTextParameterChanged("checkpoint", path))
+        self.ui.checkpointPath.connect("currentPathChanged(QString)", self.onCheckpointChanged)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.initializeParameterNode()
+        unsupported = check_supported((slicer.app.majorVersion, slicer.app.minorVersion), sys.version_info[:2])
+        if unsupported is not None:
+            self.setStatus(unsupported, error=True)
+            for button in (self.ui.loadModelButton, self.ui.applyButton, self.ui.propagateButton,
+                           self.ui.everythingSliceButton, self.ui.everythingVolumeButton, self.ui.samaugButton):
+                button.enabled = False
+            return
         self.timer.start()
 
     def cleanup(self) -> None:
@@ -146,11 +170,15 @@ class SAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def exit(self) -> None:
-        if self._parameterNode is not None and self._parameterNodeGuiTag is not None:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
+        self.setParameterNode(None)
 
     def onSceneStartClose(self, caller, event) -> None:
+        """Cancel running work before the scene's nodes go away; nothing lands in the next scene."""
+        self.logic.release_scene(self._job, self._task)
+        self._job = self._task = None
+        self.ui.propagateButton.enabled = True
+        self.ui.cancelButton.enabled = False
+        self.ui.progressBar.setValue(0)
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -164,55 +192,79 @@ class SAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
 
     def setParameterNode(self, node) -> None:
-        if self._parameterNode is not None and self._parameterNodeGuiTag is not None:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-        self._parameterNode = node
-        if node is not None:
-            # Widgets with a standard parameter-node connector; the rest are synced by hand below.
-            self._parameterNodeGuiTag = node.connectParametersToGui({
-                "inputVolume": self.ui.volumeSelector, "segmentation": self.ui.segmentationSelector,
-                "windowFromDisplay": self.ui.windowCheck,
-                "boxMargin": self.ui.marginCheck,
-                "includePoints": self.ui.includePlace.markupsSelectorComboBox(),
-                "excludePoints": self.ui.excludePlace.markupsSelectorComboBox(),
-                "boxROI": self.ui.boxPlace.markupsSelectorComboBox(),
-                "limitRange": self.ui.limitRangeCheck, "rangeFirst": self.ui.rangeFirst,
-                "rangeLast": self.ui.rangeLast, "minIoU": self.ui.minIoU, "minScore": self.ui.minScore,
-                "minIntensityAgreement": self.ui.minIntensity})
-            for combo, name in ((self.ui.modelSelector, "model"), (self.ui.deviceSelector, "device"),
-                                (self.ui.directionSelector, "direction")):
-                combo.setCurrentText(getattr(node, name))
-            self.ui.checkpointPath.currentPath = node.checkpoint
-
-    def onTextParameterChanged(self, name: str, value: str) -> None:
         if self._parameterNode is not None:
-            setattr(self._parameterNode, name, str(value))
+            if self._parameterNodeGuiTag is not None:
+                self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+                self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+        self._parameterNode = node
+        if node is None:
+            return
+        # Every widget with a parameter-node connector (guiConnectors.py); the combos take their
+        # items from the parameters' Choice annotations.
+        self._parameterNodeGuiTag = node.connectParametersToGui({
+            "inputVolume": self.ui.volumeSelector, "segmentation": self.ui.segmentationSelector,
+            "model": self.ui.modelSelector, "device": self.ui.deviceSelector,
+            "direction": self.ui.directionSelector,
+            "windowFromDisplay": self.ui.windowCheck,
+            "boxMargin": self.ui.marginCheck,
+            "includePoints": self.ui.includePlace.markupsSelectorComboBox(),
+            "excludePoints": self.ui.excludePlace.markupsSelectorComboBox(),
+            "boxROI": self.ui.boxPlace.markupsSelectorComboBox(),
+            "limitRange": self.ui.limitRangeCheck, "rangeFirst": self.ui.rangeFirst,
+            "rangeLast": self.ui.rangeLast, "minIoU": self.ui.minIoU, "minScore": self.ui.minScore,
+            "minIntensityAgreement": self.ui.minIntensity})
+        # A str path has no connector (ctkPathLineEditToPathConnector takes pathlib types only, whose
+        # empty value is "."): the line edit follows the node here and writes it in onCheckpointChanged.
+        self.addObserver(node, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+        self.onParameterNodeModified()
+
+    def onParameterNodeModified(self, caller=None, event=None) -> None:
+        if self._parameterNode is not None and self.ui.checkpointPath.currentPath != self._parameterNode.checkpoint:
+            self.ui.checkpointPath.currentPath = self._parameterNode.checkpoint
+
+    def onCheckpointChanged(self, path: str) -> None:
+        if self._parameterNode is not None and self._parameterNode.checkpoint != str(path):
+            self._parameterNode.checkpoint = str(path)
 
     # ---------------------------------------------------------------- helpers
     def setStatus(self, text: str, error: bool = False) -> None:
         self.ui.statusLabel.setText(text)
         self.ui.statusLabel.setStyleSheet("color: #c0392b" if error else "")
 
+    def guarded(self, message: str, action: Callable[[], object], waitCursor: bool = False) -> bool:
+        """Run ``action``; on failure show ``message`` and the error once and return False.
+
+        ``slicer.util.tryWithErrorDisplay`` shows the error and then re-raises (util.py), which
+        would send a second traceback out of the Qt slot; the slot gets False instead."""
+        try:
+            with slicer.util.tryWithErrorDisplay(message, waitCursor=waitCursor):
+                action()
+            return True
+        except Exception as exc:  # noqa: BLE001 - already shown to the user
+            self.setStatus(f"{message}: {exc}", error=True)
+            return False
+
     def _bind(self) -> bool:
         """Bind the logic to the selected nodes (asking to install packages on first use)."""
         from SAMSegmentSlicer.dependencies import DependencyError
 
-        p = self._parameterNode
         try:
-            ready = self.logic.ensure_dependencies(lambda msg: slicer.util.confirmOkCancelDisplay(msg))
+            ready = self.logic.ensure_dependencies(slicer.util.confirmOkCancelDisplay)
         except DependencyError as exc:
             slicer.util.errorDisplay(str(exc))
             ready = False
         if not ready:
-            self.setStatus("Python packages are missing; SAMSegment cannot run yet.", error=True)
+            self.setStatus(_("Python packages are missing; SAMSegment cannot run yet."), error=True)
             return False
-        with slicer.util.tryWithErrorDisplay("Could not prepare SAMSegment", waitCursor=True):
-            self.logic.configure_from_parameters(p, self.ui.segmentSelector.currentSegmentID())
+
+        def bind() -> None:
+            self.logic.configure_from_parameters(self._parameterNode, self.ui.segmentSelector.currentSegmentID())
             if self.ui.segmentSelector.currentSegmentID() != self.logic.segment_id:
                 self.ui.segmentSelector.setCurrentSegmentID(self.logic.segment_id)
             self.logic.watch_markups(self.activeView)
-            return True
-        return False
+
+        return self.guarded(_("Could not prepare SAMSegment"), bind, waitCursor=True)
 
     def activeView(self):
         """The view the last-changed prompt was placed in (its plane contains the point)."""
@@ -220,36 +272,44 @@ class SAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ---------------------------------------------------------------- actions
     def onLoadModel(self) -> None:
-        self._bind()
+        if self._bind():
+            self.setStatus(_("Ready: place the box (click one corner, then the opposite corner) on a slice view."))
         self.updateCacheStatus()
 
     def onSegmentChanged(self, segmentID) -> None:
         if self.logic.segmentation_node is not None and segmentID:
-            self.logic.set_segment(segmentID)
+            self.guarded(_("Could not select the segment"), lambda: self.logic.set_segment(segmentID))
 
     def onAccept(self) -> None:
-        with slicer.util.tryWithErrorDisplay("Could not apply the mask"):
+        def accept() -> None:
             n = self.logic.accept()
-            self.setStatus(f"Applied {n} voxels to '{self.logic.segment_name()}'. Ctrl+Z in the Segment Editor or "
-                           "Undo here reverts it.")
+            self.setStatus(_("Applied {n} voxels to '{name}'. Undo in this panel reverts it.")
+                           .format(n=n, name=self.logic.segment_name()))
+
+        self.guarded(_("Could not apply the mask"), accept)
 
     def onUndo(self) -> None:
-        with slicer.util.tryWithErrorDisplay("Nothing to undo"):
+        def undo() -> None:
             if self.logic.current is not None:
                 self.logic.undo_prompt()
             elif not self.logic.undo_edit():
-                self.setStatus("Nothing to undo.")
+                self.setStatus(_("Nothing to undo."))
+
+        self.guarded(_("Nothing to undo"), undo)
 
     def onClear(self) -> None:
         self.logic.clear()
-        self.setStatus("Prompts cleared.")
+        self.setStatus(_("Prompts cleared."))
 
     def onPropagate(self) -> None:
         if self.logic.segmentation_node is None and not self._bind():
             return
-        with slicer.util.tryWithErrorDisplay("Could not start propagation"):
+
+        def start() -> None:
             self._job = self.logic.start_propagation(self._parameterNode.direction,
                                                      rules=self.logic.rules_from_parameters(self._parameterNode))
+
+        if self.guarded(_("Could not start propagation"), start):
             self.ui.propagateButton.enabled = False
             self.ui.cancelButton.enabled = True
             self.ui.progressBar.setValue(0)
@@ -257,19 +317,22 @@ class SAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onCancel(self) -> None:
         if self._job is not None:
             self._job.cancel.cancel()
-            self.setStatus("Cancelling; slices already written stay (one Undo removes them all).")
+            self.setStatus(_("Cancelling; slices already written stay (one Undo removes them all)."))
         if self._task is not None:
             self._task.cancel.cancel()
-            self.setStatus(f"Cancelling {self._task.name}; nothing is added to the scene.")
+            self.setStatus(_("Cancelling {name}; nothing is added to the scene.").format(name=self._task.name))
 
     def _startTask(self, name, compute, finish) -> None:
         if self._task is not None or (self.logic.session is None and not self._bind()):
             return
-        with slicer.util.tryWithErrorDisplay(f"Could not start {name}"):
+
+        def start() -> None:
             self._task = self.logic.start_task(name, compute, finish)
+
+        if self.guarded(_("Could not start {name}").format(name=name), start):
             self.ui.cancelButton.enabled = True
             self.ui.progressBar.setValue(0)
-            self.setStatus(f"{name} running...")
+            self.setStatus(_("{name} running...").format(name=name))
 
     def onEverything(self, volume: bool) -> None:
         from SAMSegmentSlicer import research_nodes
@@ -277,9 +340,16 @@ class SAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         view = self.logic.current_view or self.activeView()
         if view is None:
             layout = slicer.app.layoutManager()
-            view = self.logic.view_slice(layout.sliceWidget("Red").mrmlSliceNode())
+            if layout is None:
+                self.setStatus(_("Place a prompt on the slice to segment first."), error=True)
+                return
+            views = []
+            if not self.guarded(_("Could not read the Red view"), lambda: views.append(
+                    self.logic.view_slice(layout.sliceWidget("Red").mrmlSliceNode()))):
+                return
+            view = views[0]
         kwargs = {"axis": view.axis} if volume else {"view": view}
-        self._startTask("everything mode",
+        self._startTask(_("everything mode"),
                         lambda progress, cancel: research_nodes.everything_labels(self.logic, progress=progress,
                                                                                   cancel=cancel, **kwargs),
                         lambda result: research_nodes.labels_to_segmentation(slicer.mrmlScene, self.logic.volume_node,
@@ -289,7 +359,7 @@ class SAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from SAMSegmentSlicer import research_nodes
 
         axis = self.logic.current_view.axis if self.logic.current_view is not None else 0
-        self._startTask("SAMAug priors",
+        self._startTask(_("SAMAug priors"),
                         lambda progress, cancel: research_nodes.samaug_arrays(self.logic, axis, progress=progress,
                                                                               cancel=cancel),
                         lambda priors: research_nodes.priors_to_volumes(self.logic, *priors))
@@ -301,10 +371,17 @@ class SAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if self.logic.preview is not None:
                 self.logic.preview.set_uncertainty_visible(False)
             return
-        with slicer.util.tryWithErrorDisplay("Could not compute the uncertainty", waitCursor=True):
-            _, entropy = research_nodes.show_uncertainty(self.logic)
+
+        def show() -> None:
+            _uncertain, entropy = research_nodes.show_uncertainty(self.logic)
             share = float((entropy >= research_nodes.UNCERTAIN_ENTROPY_BITS).mean())
-            self.setStatus(f"Uncertain pixels outlined in yellow ({100 * share:.1f}% of the slice).")
+            self.setStatus(_("Uncertain pixels outlined in yellow ({share:.1f}% of the slice).")
+                           .format(share=100 * share))
+
+        if not self.guarded(_("Could not compute the uncertainty"), show, waitCursor=True):
+            self.ui.uncertaintyCheck.blockSignals(True)
+            self.ui.uncertaintyCheck.checked = False
+            self.ui.uncertaintyCheck.blockSignals(False)
 
     def onTimer(self) -> None:
         if self.logic is None:
@@ -312,30 +389,30 @@ class SAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             if self.logic.poll() is not None:
                 pred = self.logic.current
-                self.setStatus(f"Proposal on slice {self.logic.current_view.index}: {pred.area} px, "
-                               f"score {pred.score:.2f}. Apply to keep it.")
+                self.setStatus(_("Proposal on slice {index}: {area} px, score {score:.2f}. Accept to keep it.")
+                               .format(index=self.logic.current_view.index, area=pred.area, score=pred.score))
         except Exception as exc:  # noqa: BLE001 - shown, not raised into Qt
             self.setStatus(str(exc), error=True)
         if self._task is not None:
             try:
                 done = self.logic.poll_task(self._task)
             except Exception as exc:  # noqa: BLE001 - cancelled or failed: a message, no partial nodes
-                self.setStatus(f"{self._task.name} stopped: {exc}", error=True)
+                self.setStatus(_("{name} stopped: {error}").format(name=self._task.name, error=exc), error=True)
                 done = True
-            count, total, _ = self._task.progress
+            count, total, _message = self._task.progress
             if total:
                 self.ui.progressBar.setValue(int(100 * count / total))
             if done:
                 if self._task.error is None:
-                    self.setStatus(f"{self._task.name} finished.")
+                    self.setStatus(_("{name} finished.").format(name=self._task.name))
                 self._task = None
                 self.ui.cancelButton.enabled = self._job is not None
         if self._job is not None:
             try:
                 self.logic.poll_propagation(self._job)
             except Exception as exc:  # noqa: BLE001
-                self.setStatus(f"Propagation failed: {exc}", error=True)
-            done, total, message = self._job.progress
+                self.setStatus(_("Propagation failed: {error}").format(error=exc), error=True)
+            done, total, _message = self._job.progress
             if total:
                 self.ui.progressBar.setValue(int(100 * done / total))
             if self._job.finished:
@@ -347,7 +424,8 @@ class SAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def updateCacheStatus(self) -> None:
         status = self.logic.cache_status()
-        self.ui.cacheLabel.setText(f"{status['slices']} slices cached, {status['mib']:.0f} MiB")
+        self.ui.cacheLabel.setText(_("{slices} slices cached, {mib:.0f} MiB").format(slices=status["slices"],
+                                                                                      mib=status["mib"]))
 
 
 def _build_panel(layout):
@@ -358,72 +436,73 @@ def _build_panel(layout):
 
     ui = UI()
     inputs = ctk.ctkCollapsibleButton()
-    inputs.text = "Inputs"
+    inputs.text = _("Inputs")
     layout.addWidget(inputs)
     form = qt.QFormLayout(inputs)
-    ui.volumeSelector = _node_combo(["vtkMRMLScalarVolumeNode"], "Volume to segment (never modified).")
-    form.addRow("Source volume:", ui.volumeSelector)
-    ui.segmentationSelector = _node_combo(["vtkMRMLSegmentationNode"], "Segmentation that receives the masks.",
+    ui.volumeSelector = _node_combo(["vtkMRMLScalarVolumeNode"], _("Volume to segment (never modified)."))
+    form.addRow(_("Source volume:"), ui.volumeSelector)
+    ui.segmentationSelector = _node_combo(["vtkMRMLSegmentationNode"], _("Segmentation that receives the masks."),
                                           add=True)
-    form.addRow("Segmentation:", ui.segmentationSelector)
+    form.addRow(_("Segmentation:"), ui.segmentationSelector)
     ui.segmentSelector = slicer.qMRMLSegmentSelectorWidget()
     ui.segmentSelector.setMRMLScene(slicer.mrmlScene)
     ui.segmentSelector.noneEnabled = True
-    form.addRow("Segment:", ui.segmentSelector)
+    ui.segmentSelector.segmentationNodeSelectorVisible = False  # the Segmentation row above selects it
+    form.addRow(_("Segment:"), ui.segmentSelector)
 
     model = ctk.ctkCollapsibleButton()
-    model.text = "Model"
+    model.text = _("Model")
     layout.addWidget(model)
     form = qt.QFormLayout(model)
     ui.modelSelector = qt.QComboBox()
-    ui.modelSelector.toolTip = "LiteMedSAM is packaged and works offline; SAM/MedSAM need a checkpoint file."
-    form.addRow("Model:", ui.modelSelector)
+    ui.modelSelector.toolTip = _("LiteMedSAM is packaged and works offline; SAM/MedSAM need a checkpoint file.")
+    form.addRow(_("Model:"), ui.modelSelector)
     ui.checkpointPath = ctk.ctkPathLineEdit()
     ui.checkpointPath.filters = ctk.ctkPathLineEdit.Files
     ui.checkpointPath.nameFilters = ["PyTorch checkpoint (*.pth *.pt)"]
-    form.addRow("Checkpoint:", ui.checkpointPath)
+    form.addRow(_("Checkpoint:"), ui.checkpointPath)
     ui.deviceSelector = qt.QComboBox()
-    ui.deviceSelector.addItems(["auto", "cpu", "cuda", "mps"])
-    form.addRow("Device:", ui.deviceSelector)
-    ui.windowCheck = qt.QCheckBox("Use the volume's window/level")
-    ui.windowCheck.toolTip = "SAM sees the contrast shown in the views; uncheck for an automatic window."
+    form.addRow(_("Device:"), ui.deviceSelector)
+    ui.windowCheck = qt.QCheckBox(_("Use the volume's window/level"))
+    ui.windowCheck.toolTip = _("SAM sees the contrast shown in the views; uncheck for an automatic window.")
     form.addRow(ui.windowCheck)
-    ui.marginCheck = qt.QCheckBox("Widen boxes by the model's margin")
-    ui.marginCheck.toolTip = ("LiteMedSAM learnt from loose boxes and under-segments from a box drawn tight to the "
-                              "organ; this adds 10 % of the box side. Uncheck to use boxes exactly as drawn.")
+    ui.marginCheck = qt.QCheckBox(_("Widen boxes by the model's margin"))
+    ui.marginCheck.toolTip = (_("LiteMedSAM learnt from loose boxes and under-segments from a box drawn tight to the "
+                              "organ; this adds 10 % of the box side. Uncheck to use boxes exactly as drawn."))
     form.addRow(ui.marginCheck)
-    ui.loadModelButton = qt.QPushButton("Start")
-    ui.loadModelButton.toolTip = "Load the model and the volume, and start watching the prompts."
+    ui.loadModelButton = qt.QPushButton(_("Start"))
+    ui.loadModelButton.toolTip = _("Load the model and the volume, and start watching the prompts.")
     form.addRow(ui.loadModelButton)
-    ui.cacheLabel = qt.QLabel("0 slices cached")
-    form.addRow("Cache:", ui.cacheLabel)
+    ui.cacheLabel = qt.QLabel(_("0 slices cached"))
+    form.addRow(_("Cache:"), ui.cacheLabel)
 
     prompts = ctk.ctkCollapsibleButton()
-    prompts.text = "Prompts"
+    prompts.text = _("Prompts")
     layout.addWidget(prompts)
     form = qt.QFormLayout(prompts)
-    ui.boxPlace = _place_widget("vtkMRMLMarkupsROINode", "Drag a box around the structure on any slice view.")
-    form.addRow("Box:", ui.boxPlace)
-    ui.includePlace = _place_widget("vtkMRMLMarkupsFiducialNode", "Points that must be inside.")
-    form.addRow("Include points:", ui.includePlace)
-    ui.excludePlace = _place_widget("vtkMRMLMarkupsFiducialNode", "Points that must be outside.")
-    form.addRow("Exclude points:", ui.excludePlace)
+    ui.boxPlace = _place_widget("vtkMRMLMarkupsROINode", _(
+        "Box around the structure: click the place button, then click one corner and then the opposite corner "
+        "on a slice view (Slicer places an ROI with two clicks)."))
+    form.addRow(_("Box:"), ui.boxPlace)
+    ui.includePlace = _place_widget("vtkMRMLMarkupsFiducialNode", _("Points that must be inside."))
+    form.addRow(_("Include points:"), ui.includePlace)
+    ui.excludePlace = _place_widget("vtkMRMLMarkupsFiducialNode", _("Points that must be outside."))
+    form.addRow(_("Exclude points:"), ui.excludePlace)
     row = qt.QHBoxLayout()
-    ui.applyButton = qt.QPushButton("Accept")
-    ui.undoButton = qt.QPushButton("Undo")
-    ui.clearButton = qt.QPushButton("Clear")
+    ui.applyButton = qt.QPushButton(_("Accept"))
+    ui.undoButton = qt.QPushButton(_("Undo"))
+    ui.clearButton = qt.QPushButton(_("Clear"))
     for b in (ui.applyButton, ui.undoButton, ui.clearButton):
         row.addWidget(b)
     form.addRow(row)
 
     propagation = ctk.ctkCollapsibleButton()
-    propagation.text = "Propagate"
+    propagation.text = _("Propagate")
     layout.addWidget(propagation)
     form = qt.QFormLayout(propagation)
     ui.directionSelector = qt.QComboBox()
-    ui.directionSelector.addItems(["both", "up", "down"])
-    form.addRow("Direction:", ui.directionSelector)
-    ui.limitRangeCheck = qt.QCheckBox("Limit to slices")
+    form.addRow(_("Direction:"), ui.directionSelector)
+    ui.limitRangeCheck = qt.QCheckBox(_("Limit to slices"))
     ui.rangeFirst, ui.rangeLast = qt.QSpinBox(), qt.QSpinBox()
     for spin in (ui.rangeFirst, ui.rangeLast):
         spin.maximum = 100000
@@ -432,18 +511,18 @@ def _build_panel(layout):
     row.addWidget(ui.rangeFirst)
     row.addWidget(ui.rangeLast)
     form.addRow(row)
-    ui.minIoU, ui.minScore, ui.minIntensity = (ctk.ctkSliderWidget() for _ in range(3))
-    for slider, tip in ((ui.minIoU, "Stop when the mask overlaps the previous slice's less than this."),
-                        (ui.minScore, "Stop when the model's predicted quality falls below this."),
-                        (ui.minIntensity, "Stop when the mask's intensities stop matching the accepted slice.")):
+    ui.minIoU, ui.minScore, ui.minIntensity = (ctk.ctkSliderWidget() for _i in range(3))
+    for slider, tip in ((ui.minIoU, _("Stop when the mask overlaps the previous slice's less than this.")),
+                        (ui.minScore, _("Stop when the model's predicted quality falls below this.")),
+                        (ui.minIntensity, _("Stop when the mask's intensities stop matching the accepted slice."))):
         slider.minimum, slider.maximum, slider.singleStep, slider.decimals = 0.0, 1.0, 0.05, 2
         slider.toolTip = tip
-    form.addRow("Min IoU with previous:", ui.minIoU)
-    form.addRow("Min score:", ui.minScore)
-    form.addRow("Min intensity agreement:", ui.minIntensity)
+    form.addRow(_("Min IoU with previous:"), ui.minIoU)
+    form.addRow(_("Min score:"), ui.minScore)
+    form.addRow(_("Min intensity agreement:"), ui.minIntensity)
     row = qt.QHBoxLayout()
-    ui.propagateButton = qt.QPushButton("Propagate")
-    ui.cancelButton = qt.QPushButton("Cancel")
+    ui.propagateButton = qt.QPushButton(_("Propagate"))
+    ui.cancelButton = qt.QPushButton(_("Cancel"))
     ui.cancelButton.enabled = False
     row.addWidget(ui.propagateButton)
     row.addWidget(ui.cancelButton)
@@ -452,28 +531,29 @@ def _build_panel(layout):
     form.addRow(ui.progressBar)
 
     automatic = ctk.ctkCollapsibleButton()
-    automatic.text = "Automatic and uncertainty"
+    automatic.text = _("Automatic and uncertainty")
     automatic.collapsed = True
     layout.addWidget(automatic)
     form = qt.QFormLayout(automatic)
     row = qt.QHBoxLayout()
-    ui.everythingSliceButton = qt.QPushButton("Everything: this slice")
-    ui.everythingSliceButton.toolTip = "Grid of prompts on the current slice; one new segment per region found."
-    ui.everythingVolumeButton = qt.QPushButton("Everything: all slices")
-    ui.everythingVolumeButton.toolTip = "Every slice along the view's axis, regions linked across slices."
+    ui.everythingSliceButton = qt.QPushButton(_("Everything: this slice"))
+    ui.everythingSliceButton.toolTip = _("Grid of prompts on the current slice; one new segment per region found.")
+    ui.everythingVolumeButton = qt.QPushButton(_("Everything: all slices"))
+    ui.everythingVolumeButton.toolTip = _("Every slice along the view's axis, regions linked across slices.")
     row.addWidget(ui.everythingSliceButton)
     row.addWidget(ui.everythingVolumeButton)
     form.addRow(row)
-    ui.samaugButton = qt.QPushButton("SAMAug prior maps")
-    ui.samaugButton.toolTip = ("Segmentation and boundary prior maps (SAMAug, Zhang et al. 2023) as new volumes "
-                               "with the source geometry.")
+    ui.samaugButton = qt.QPushButton(_("SAMAug prior maps"))
+    ui.samaugButton.toolTip = (_("Segmentation and boundary prior maps (SAMAug, Zhang et al. 2023) as new volumes "
+                               "with the source geometry."))
     form.addRow(ui.samaugButton)
-    ui.uncertaintyCheck = qt.QCheckBox("Show prompt uncertainty")
-    ui.uncertaintyCheck.toolTip = ("Re-run the current prompt with jittered boxes/points and outline the pixels "
-                                   "where the results disagree.")
+    ui.uncertaintyCheck = qt.QCheckBox(_("Show prompt uncertainty"))
+    ui.uncertaintyCheck.toolTip = (_("Re-run the current prompt with jittered boxes/points and outline the pixels "
+                                   "where the results disagree."))
     form.addRow(ui.uncertaintyCheck)
 
-    ui.statusLabel = qt.QLabel("Select a volume, press Start, then drag a box on a slice view.")
+    ui.statusLabel = qt.QLabel(_("Select a volume, press Start, then place a box (two clicks: opposite corners) "
+                                 "on a slice view."))
     ui.statusLabel.wordWrap = True
     layout.addWidget(ui.statusLabel)
     layout.addStretch(1)
@@ -497,20 +577,24 @@ def _place_widget(node_class, tip):
     widget = slicer.qSlicerSimpleMarkupsWidget()
     widget.setMRMLScene(slicer.mrmlScene)
     widget.markupsSelectorComboBox().nodeTypes = [node_class]
+    # Default True: each node the parameter node writes into the combo would start place mode.
+    widget.enterPlaceModeOnNodeChange = False
     widget.toolTip = tip
     return widget
 
 
 # --------------------------------------------------------------------------------------------- logic
-from SAMSegmentSlicer.logic import SAMSegmentCore  # noqa: E402 - needs MODULE_DIR on sys.path
+class SAMSegmentLogic(SAMSegmentCore, ScriptedLoadableModuleLogic):
+    """Scripted-module logic; all behaviour is SAMSegmentCore's, usable from the Python console.
 
-
-class SAMSegmentLogic(ScriptedLoadableModuleLogic, SAMSegmentCore):
-    """Scripted-module logic; all behaviour is SAMSegmentCore's, usable from the Python console."""
+    SAMSegmentCore comes first in the bases: ScriptedLoadableModuleLogic.__init__ calls
+    ``super().__init__()``, which is then ``object.__init__``, so each initialiser runs exactly once.
+    """
 
     def __init__(self) -> None:
+        SAMSegmentCore.__init__(self, slicer.mrmlScene, slicer.app.applicationLogic(),
+                                segment_editor=segmentEditorWidget)
         ScriptedLoadableModuleLogic.__init__(self)
-        SAMSegmentCore.__init__(self, slicer.mrmlScene, slicer.app.applicationLogic())
 
     def getParameterNode(self):
         return SAMSegmentParameterNode(super().getParameterNode())
@@ -524,7 +608,20 @@ class SAMSegmentTest(ScriptedLoadableModuleTest):
     """
 
     def setUp(self) -> None:
+        """A clean scene, and the Python packages (installed here with consent: in testing mode
+        ``confirmOkCancelDisplay`` answers yes); skipped with the reason when they cannot be had."""
+        from SAMSegmentSlicer.dependencies import DependencyError
+
         slicer.mrmlScene.Clear()
+        problem = check_supported((slicer.app.majorVersion, slicer.app.minorVersion), sys.version_info[:2])
+        if problem is not None:
+            self.skipTest(problem)
+        try:
+            ready = SAMSegmentCore.ensure_dependencies(slicer.util.confirmOkCancelDisplay)
+        except DependencyError as exc:
+            self.skipTest(f"the Python packages could not be installed: {exc}")
+        if not ready:
+            self.skipTest("the Python packages are missing and were not installed")
 
     def runTest(self) -> None:
         self.setUp()

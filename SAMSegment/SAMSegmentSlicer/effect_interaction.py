@@ -9,7 +9,7 @@ slice or view orientation, because SAM's prompts belong to one image.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -17,6 +17,7 @@ from SAMSegmentLib.errors import SAMSegmentError
 from SAMSegmentLib.prompts import EXCLUDE, INCLUDE, Prompts
 
 from .geometry import ViewSlice, ijk_component, ijk_to_slice_xy, ras_to_ijk, xy_to_ras
+from .segment_io import EditSink
 
 # Mouse travel (display pixels) below which a press-release is a click, not a drag.
 DRAG_THRESHOLD_PX = 5.0
@@ -81,19 +82,85 @@ class SlicePrompts:
                        None if self.box is None else np.array(self.box, dtype=float))
 
 
+class EffectSink(EditSink):
+    """Writes through the SAM effect itself (``qSlicerSegmentEditorAbstractEffect``), so the Segment
+    Editor's own logic applies its masking, overlap and undo stack to every SAM edit.
+
+    ``scripted_effect`` is the effect's ``scriptedEffect``; ``modes`` maps "add"/"remove" to its
+    ``ModificationMode`` values. Edits always go into the segment selected in the Segment Editor
+    (``modifySelectedSegmentByLabelmap``), so a write for another segment is refused.
+    """
+
+    def __init__(self, scripted_effect: Any, modes: dict[str, int]) -> None:
+        self.scripted_effect = scripted_effect
+        self.modes = modes
+
+    def prepare(self, segment_id: str) -> None:
+        selected = self.scripted_effect.parameterSetNode().GetSelectedSegmentID()
+        if selected != segment_id:
+            raise SAMSegmentError(f"The Segment Editor's selected segment changed ('{selected}', not '{segment_id}')",
+                                  "press Apply again to write into the selected segment")
+
+    def modifier_geometry(self) -> Any:
+        # The editor's modifier labelmap on the segmentation's reference geometry (cleared); a
+        # modifier on any other grid is dropped when "editable intensity range" is on.
+        return self.scripted_effect.defaultModifierLabelmap()
+
+    def save_state_for_undo(self) -> None:
+        self.scripted_effect.saveStateForUndo()
+
+    def modify(self, segment_id: str, labelmap: Any, mode: str) -> None:
+        self.scripted_effect.modifySelectedSegmentByLabelmap(labelmap, self.modes[mode])
+
+
+def editor_inputs(parameter_node: Any) -> tuple[Any, Any, str]:
+    """(source volume, segmentation, selected segment id) the Segment Editor shows now; a clear error
+    when one is missing."""
+    volume = parameter_node.GetSourceVolumeNode()
+    segmentation = parameter_node.GetSegmentationNode()
+    if volume is None or segmentation is None:
+        raise SAMSegmentError("The Segment Editor has no segmentation or source volume selected",
+                              "select both at the top of the Segment Editor")
+    segment_id = parameter_node.GetSelectedSegmentID() or ""
+    if not segment_id or segmentation.GetSegmentation().GetSegment(segment_id) is None:
+        raise SAMSegmentError("No segment is selected in the Segment Editor",
+                              "add or select the segment that should receive the mask")
+    return volume, segmentation, segment_id
+
+
 class EffectController:
     """The effect's state: prompts on the current slice, the preview, apply and cancel.
 
-    ``core`` is a SAMSegmentCore bound to the editor's source volume and segmentation; writes go
-    through its SegmentWriter, whose sink in real Slicer is the effect itself (so the Segment
-    Editor's own undo/redo and masking apply).
+    ``core`` is a SAMSegmentCore; writes go through its SegmentWriter. Inside the Segment Editor,
+    ``parameter_node`` returns the editor's ``vtkMRMLSegmentEditorNode`` and ``sink`` is the
+    effect's ``EffectSink``: then every press, decode and Apply first re-reads the source volume,
+    segmentation and selected segment the editor shows (``bind``), so changing any of them while
+    the effect is active takes effect at once.
     """
 
-    def __init__(self, core: Any) -> None:
+    def __init__(self, core: Any, parameter_node: Callable[[], Any] | None = None,
+                 sink: EditSink | None = None) -> None:
         self.core = core
+        self.parameter_node = parameter_node
+        self.sink = sink
         self.interpreter = ClickInterpreter()
         self.state: SlicePrompts | None = None
         self._history: list[SlicePrompts] = []
+
+    def bind(self) -> None:
+        """Follow the Segment Editor's source volume, segmentation and selected segment.
+
+        A new volume or segmentation drops the prompts of the old one; a new segment keeps them
+        (the preview takes its colour)."""
+        if self.parameter_node is None:
+            return
+        volume, segmentation, segment_id = editor_inputs(self.parameter_node())
+        core = self.core
+        if volume is not core.volume_node or segmentation is not core.segmentation_node:
+            self.cancel()
+            core.set_inputs(volume, segmentation, segment_id, sink=self.sink)
+        elif segment_id != core.segment_id:
+            core.set_segment(segment_id)
 
     def slice_pixel(self, slice_node, xy: tuple[float, float], view: ViewSlice) -> tuple[float, float]:
         """Display pixel -> pixel of the volume slice shown, ignoring sub-voxel offsets of the plane."""
@@ -110,6 +177,7 @@ class EffectController:
         mask can be ready almost when the button comes up instead of a second later."""
         self.interpreter.press(xy, ctrl=ctrl, shift=shift, right=right)
         try:
+            self.bind()
             view = self.core.view_slice(slice_node)
         except SAMSegmentError:
             return  # the release reports what is wrong with this view
@@ -118,6 +186,7 @@ class EffectController:
 
     def handle(self, slice_node, action: Action) -> Any:
         """Apply one action in ``slice_node``'s view; returns the new prediction (or None)."""
+        self.bind()
         view = self.core.view_slice(slice_node)
         if not view.inside:
             raise SAMSegmentError("The click is outside the source volume", "click on the image")
@@ -148,6 +217,8 @@ class EffectController:
         return self.core.segment(self.state.view, self.state.as_prompts(), refine=False)
 
     def apply(self) -> int:
+        """Write the preview into the selected segment (one undo step); returns the voxels set."""
+        self.bind()
         written = self.core.accept()
         self.cancel(keep_preview=True)
         return written

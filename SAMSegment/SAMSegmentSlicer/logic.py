@@ -36,7 +36,7 @@ from SAMSegmentLib.worker import PRIORITY_INTERACTIVE, CancelToken
 from .geometry import ViewSlice, vtk_to_numpy_matrix, view_slice as _view_slice
 from .markups_prompts import MarkupsPrompts
 from .preview import PreviewOverlay
-from .segment_io import SegmentWriter, segment_array
+from .segment_io import EditSink, SegmentWriter, segment_array
 
 log = logging.getLogger("SAMSegment")
 
@@ -92,11 +92,18 @@ class BackgroundTask:
 class SAMSegmentCore:
     """One volume, one segmentation, one target segment, one engine session."""
 
-    def __init__(self, scene=None, app_logic=None) -> None:
+    def __init__(self, scene=None, app_logic=None, segment_editor: Callable[[], Any] | None = None,
+                 autoload: bool = True) -> None:
+        """``segment_editor``: returns the Segment Editor module's editor widget if it exists (its
+        undo state is saved before our writes into the segmentation it edits); ``autoload``: load
+        the model on first use (False for the SAM effect, which loads it on activation, never inside
+        a mouse handler)."""
         import slicer
 
         self.scene = scene if scene is not None else slicer.mrmlScene
         self.app_logic = app_logic
+        self.segment_editor = segment_editor
+        self.autoload = autoload
         self.session: Any = None
         self.model_key: tuple[Any, ...] | None = None
         self.volume_node = None
@@ -166,11 +173,34 @@ class SAMSegmentCore:
         if self.writer is not None:
             self.writer.close()
 
+    def release_scene(self, *running: PropagationJob | BackgroundTask | None) -> None:
+        """The scene is about to close: cancel ``running`` work and forget every node.
+
+        Nothing is written afterwards: a cancelled propagation's remaining slices and a task's
+        ``finish`` are dropped instead of landing in the next scene. The model stays loaded.
+        """
+        for work in running:
+            if work is not None:
+                work.cancel.cancel()
+                work.finished = True
+        self.cancel_requests()
+        self._job = None
+        self.prompts.unobserve()
+        self.prompts = MarkupsPrompts(self.scene)
+        self.current, self.current_view = None, None
+        self.writer = self.preview = None
+        self.volume_node = self.segmentation_node = None
+        self.segment_id = None
+
     # ---------------------------------------------------------------- inputs
     def set_inputs(self, volume_node, segmentation_node, segment_id: str | None = None,
                    window: IntensityWindow | str | tuple[float, float] | None = WINDOW_FROM_DISPLAY,
-                   editor_node=None) -> str:
-        """Bind the source volume, the segmentation and the target segment (created when missing)."""
+                   sink: EditSink | None = None) -> str:
+        """Bind the source volume, the segmentation and the target segment (created when missing).
+
+        ``sink``: where writes go (the SAM effect passes itself); None = the module's own Segment
+        Editor logic, which follows the Segment Editor's masking/overlap settings.
+        Returns the target segment's id."""
         if volume_node is None:
             raise SAMSegmentError("No source volume selected", "select the volume to segment")
         if volume_node.GetImageData() is None:
@@ -182,13 +212,14 @@ class SAMSegmentCore:
         changed_volume = volume_node is not self.volume_node or window != getattr(self, "_window_request", None)
         if self.writer is not None and (self.writer.segmentation_node is not segmentation_node
                                         or self.writer.volume_node is not volume_node
-                                        or (editor_node is not None and editor_node is not self.writer.editor_node)):
+                                        or (sink is not None and sink is not self.writer.sink)):
             self.writer.close()
             self.writer = None
         self.volume_node, self.segmentation_node = volume_node, segmentation_node
         self._window_request = window
         if self.writer is None:
-            self.writer = SegmentWriter(self.scene, segmentation_node, volume_node, editor_node, self.app_logic)
+            self.writer = SegmentWriter(self.scene, segmentation_node, volume_node, self.app_logic, sink=sink,
+                                        segment_editor=self.segment_editor)
         self.segment_id = self.writer.ensure_segment(segment_id, "SAM")
         if self.preview is None or self.preview.volume_node is not volume_node:
             if self.preview is not None:
@@ -219,6 +250,8 @@ class SAMSegmentCore:
 
     def _require(self) -> None:
         if self.session is None:
+            if not self.autoload:
+                raise SAMSegmentError("The SAM model is not loaded", "select the SAM effect again to load it")
             self.load_model()
         if self.volume_node is None or self.writer is None:
             raise SAMSegmentError("No source volume/segmentation selected", "call set_inputs(volume, segmentation)")
@@ -533,12 +566,22 @@ class SAMSegmentCore:
     # ---------------------------------------------------------------- module panel support
     @staticmethod
     def model_ids() -> list[str]:
+        """The models of the registry, for the model selector."""
         from SAMSegmentLib.model_registry import load_registry
 
         return list(load_registry())
 
-    def ensure_dependencies(self, confirm: Callable[[str], bool]) -> bool:
-        """Install missing packages with the user's consent (PyTorch through its extension)."""
+    @staticmethod
+    def default_model() -> str:
+        """The registry's default model (LiteMedSAM: packaged, works offline)."""
+        from SAMSegmentLib.model_registry import default_model_id
+
+        return default_model_id()
+
+    @staticmethod
+    def ensure_dependencies(confirm: Callable[[str], bool]) -> bool:
+        """Install missing packages with the user's consent (PyTorch through its extension);
+        True when everything is present. Raises DependencyError when installing failed."""
         import slicer
 
         from . import dependencies

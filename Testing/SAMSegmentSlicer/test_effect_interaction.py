@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import slice_node_through
+from conftest import add_volume, slice_node_through
 from SAMSegmentSlicer import geometry
 from SAMSegmentSlicer.effect_interaction import Action, ClickInterpreter, EffectController
 from SAMSegmentSlicer.segment_io import segment_array
@@ -112,3 +112,106 @@ def test_mouse_down_starts_encoding_the_slice_shown(world):  # noqa: F811
     pred = ctl.handle(node, ctl.interpreter.release(display_xy(node, ras)))
     assert pred is not None and pred.area > 0
     assert session.encode_count == 1  # (neighbour prefetches start only now and take far longer than this)
+
+
+@pytest.fixture
+def editor(world):  # noqa: F811
+    """The Segment Editor showing the world's volume and segmentation with two segments, and an
+    effect controller wired to it the way SegmentEditorSAMLib/SegmentEditorEffect.py wires it."""
+    from conftest import ScriptedEffectMirror, SegmentEditorWidgetMirror, segment_editor_singleton
+    from SAMSegmentSlicer.effect_interaction import EffectSink
+    from SAMSegmentSlicer.logic import SAMSegmentCore
+
+    scene, core, volume, seg, _, truth = world
+    node = segment_editor_singleton(scene)
+    widget = SegmentEditorWidgetMirror(scene, core.app_logic, node)
+    widget.setSegmentationNode(seg)
+    widget.setSourceVolumeNode(volume)
+    first = seg.GetSegmentation().AddEmptySegment("first", "first", (1.0, 0.0, 0.0))
+    second = seg.GetSegmentation().AddEmptySegment("second", "second", (0.0, 0.0, 1.0))
+    node.SetSelectedSegmentID(first)
+    effect_core = SAMSegmentCore(scene, core.app_logic, autoload=False)
+    effect_core.use_session(core.session, own=False)
+    effect = ScriptedEffectMirror(widget)
+    ctl = EffectController(effect_core, effect.parameterSetNode, EffectSink(effect, effect.modes))
+    yield ctl, widget, node, first, second
+    effect_core.close()
+
+
+def drag_block_box(ctl, scene, volume, truth, orientation="Axial"):
+    ras, _ = centre_ras(volume, truth)
+    node = slice_node_through(scene, volume, orientation, ras)
+    ctl.bind()
+    view = ctl.core.view_slice(node)
+    lo, hi = np.argwhere(truth).min(axis=0) - 1, np.argwhere(truth).max(axis=0) + 1  # k, j, i
+    comp = geometry.ijk_component(view.axis)
+    a_ijk, b_ijk = lo[::-1].astype(float), hi[::-1].astype(float)
+    a_ijk[comp] = b_ijk[comp] = view.index
+    xy_a, xy_b = (display_xy(node, geometry.ijk_to_ras(volume, [p])[0]) for p in (a_ijk, b_ijk))
+    ctl.press(node, xy_a)
+    ctl.interpreter.move(xy_b)
+    return view, ctl.handle(node, ctl.interpreter.release(xy_b))
+
+
+def test_effect_writes_into_the_segment_selected_at_apply_through_the_editors_undo(world, editor):  # noqa: F811
+    """Review finding 6: the segment is read at every press and Apply, not once at activation; the
+    write goes through the effect (the editor's logic and undo stack)."""
+    scene, core, volume, seg, _, truth = world
+    ctl, widget, node, first, second = editor
+    view, pred = drag_block_box(ctl, scene, volume, truth)
+    assert ctl.core.segment_id == first
+    node.SetSelectedSegmentID(second)  # the user picks another segment while the preview is shown
+    ctl.apply()
+    plane = np.take(truth, view.index, view.axis)
+    written = segment_array(seg, second, volume).astype(bool)
+    assert dice(np.take(written, view.index, view.axis), plane) > 0.9
+    assert not segment_array(seg, first, volume).any()
+    assert node.GetSelectedSegmentID() == second  # the user's choice is not snapped back
+    widget.undo()  # the Segment Editor's Ctrl+Z
+    assert not segment_array(seg, second, volume).any()
+
+
+def test_effect_follows_a_new_source_volume(world, editor):  # noqa: F811
+    scene, core, volume, seg, vol, truth = world
+    ctl, widget, node, first, second = editor
+    drag_block_box(ctl, scene, volume, truth)
+    other = add_volume(scene, np.roll(vol, 3, axis=2), name="follow-up")
+    node.SetAndObserveSourceVolumeNode(other)
+    ctl.bind()
+    assert ctl.core.volume_node is other and ctl.state is None and ctl.core.current is None
+    assert np.array_equal(ctl.core.session._volume, np.roll(vol, 3, axis=2))
+
+
+def test_effect_edit_lands_on_an_oversampled_segmentation_with_intensity_masking(world, editor):  # noqa: F811
+    """Review finding 7: the modifier is placed on defaultModifierLabelmap()'s geometry."""
+    scene, core, volume, seg, _, truth = world
+    ctl, widget, node, first, second = editor
+    fine = add_volume(scene, np.zeros(tuple(2 * s for s in truth.shape), np.int16), name="oversampled",
+                      spacing=tuple(s / 2 for s in (0.8, 1.1, 2.5)))
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(fine)
+    node.SetSourceVolumeIntensityMask(True)
+    node.SetSourceVolumeIntensityMaskRange(-10000, 10000)
+    view, pred = drag_block_box(ctl, scene, volume, truth)
+    ctl.apply()
+    written = segment_array(seg, first, volume).astype(bool)
+    assert dice(np.take(written, view.index, view.axis), pred.mask) > 0.98
+    assert np.take(written, view.index, view.axis).sum() == written.sum()
+
+
+def test_model_is_never_loaded_inside_a_mouse_handler(world):  # noqa: F811
+    """Review finding 12: the effect loads the model on activation; a click before that is a message."""
+    from SAMSegmentLib.errors import SAMSegmentError
+    from SAMSegmentSlicer.logic import SAMSegmentCore
+
+    scene, core, volume, seg, _, truth = world
+    effect_core = SAMSegmentCore(scene, core.app_logic, autoload=False)
+    effect_core.set_inputs(volume, seg)
+    ctl = EffectController(effect_core)
+    ras, _ = centre_ras(volume, truth)
+    node = slice_node_through(scene, volume, "Axial", ras)
+    ctl.press(node, display_xy(node, ras))
+    assert effect_core.session is None
+    with pytest.raises(SAMSegmentError, match="not loaded"):
+        ctl.handle(node, ctl.interpreter.release(display_xy(node, ras)))
+    assert effect_core.session is None
+    effect_core.close()

@@ -207,3 +207,67 @@ def test_errors_are_clear(world):
         core.propagate("both")
     with pytest.raises(SAMSegmentError, match="No source volume"):
         SAMSegmentCore(scene).set_inputs(None, seg)
+
+
+def test_closing_the_scene_cancels_running_work_and_writes_nothing_afterwards(world):
+    """Review finding 15: StartCloseEvent precedes vtkMRMLScene::Clear; the module releases the
+    scene there, so neither propagation slices nor a task's result land in the next scene."""
+    import threading
+    import time
+
+    from SAMSegmentLib.prompts import Prompts
+
+    scene, core, volume, seg, _, truth = world
+    ras, _ = centre_ras(volume, truth)
+    view = core.view_slice(slice_node_through(scene, volume, "Axial", ras))
+    core.segment(view, Prompts(box=block_box(truth, view.axis, view.index)))
+    core.accept()
+    job = core.start_propagation("both", axis=view.axis)
+    release = threading.Event()
+    finished = []
+    task = core.start_task("slow", lambda progress, cancel: release.wait(30) or cancel.cancelled,
+                           lambda result: finished.append(result))
+    core.release_scene(job, task)
+    scene.Clear(False)
+    release.set()
+    assert job.cancel.cancelled and task.cancel.cancelled
+    assert core.writer is None and core.segmentation_node is None and core.volume_node is None
+    for thread in (job.thread, task.thread):
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+    assert core.poll_task(task) and finished == []  # its finish() never runs
+    time.sleep(0.05)
+    assert scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems() == 0
+
+
+def test_module_logic_initialises_the_core_once():
+    """Review finding 17. SAMSegment.py cannot be imported without Qt; its bases are read from the
+    source and combined with ScriptedLoadableModuleLogic's initialiser as Slicer 5.10 has it
+    (Base/Python/slicer/ScriptedLoadableModule.py l.296-308: ``super().__init__()`` first)."""
+    import ast
+    from pathlib import Path
+
+    source = (Path(__file__).resolve().parents[2] / "SAMSegment" / "SAMSegment.py").read_text(encoding="utf-8")
+    cls = next(n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ClassDef) and n.name == "SAMSegmentLogic")
+    assert [ast.unparse(b) for b in cls.bases] == ["SAMSegmentCore", "ScriptedLoadableModuleLogic"]
+    calls = []
+
+    class ScriptedLoadableModuleLogic:
+        def __init__(self, parent=None):
+            super().__init__()
+            self.moduleName = self.__class__.__name__[:-5]
+            self.isSingletonParameterNode = True
+
+    class CountingCore(SAMSegmentCore):
+        def __init__(self, *args, **kwargs):
+            calls.append(args)
+            super().__init__(*args, **kwargs)
+
+    class SAMSegmentLogic(CountingCore, ScriptedLoadableModuleLogic):
+        def __init__(self, scene):
+            CountingCore.__init__(self, scene, None)
+            ScriptedLoadableModuleLogic.__init__(self)
+
+    scene = __import__("slicer").vtkMRMLScene()
+    logic = SAMSegmentLogic(scene)
+    assert len(calls) == 1 and logic.scene is scene and logic.moduleName == "SAMSegment"

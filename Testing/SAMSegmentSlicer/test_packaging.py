@@ -552,7 +552,9 @@ def test_catalog_entry(top_cmake):
     assert entry["scm_url"] == variables["EXTENSION_HOMEPAGE"][0]
     assert entry["scm_revision"] == "main"
     assert entry["build_subdirectory"] == "."
-    assert entry["build_dependencies"] == []  # PyTorch is a runtime dependency, not a build one
+    # The Extensions Index builds build_dependencies first; EXTENSION_DEPENDS names the same ones
+    # (SlicerBlockBuildPackageAndUploadExtensions.cmake; TotalSegmentator.json lists its PyTorch too).
+    assert entry["build_dependencies"] == variables["EXTENSION_DEPENDS"] == ["PyTorch"]
     assert entry["tier"] in (1, 3, 5)
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-QT_SHELLS = {"SAMSegment/SAMSegment.py", "SAMSegment/SAMSegmentSlicer/SegmentEditorSAMEffect.py"}
+EFFECT = "SAMSegment/SegmentEditorSAMLib/SegmentEditorEffect.py"
+QT_SHELLS = {"SAMSegment/SAMSegment.py", EFFECT}
 GUI_MODULES = {"qt", "ctk", "slicer.ScriptedLoadableModule", "SegmentEditorEffects"}
 
 
@@ -43,8 +44,57 @@ def test_shells_are_thin_and_parse():
     for rel in QT_SHELLS:
         source = (ROOT / rel).read_text(encoding="utf-8")
         compile(source, rel, "exec")
-    effect = (ROOT / "SAMSegment/SAMSegmentSlicer/SegmentEditorSAMEffect.py").read_text(encoding="utf-8")
+    effect = (ROOT / EFFECT).read_text(encoding="utf-8")
     assert len(effect.splitlines()) < 250  # decisions belong in effect_interaction.py
     module = (ROOT / "SAMSegment/SAMSegment.py").read_text(encoding="utf-8")
     assert "class SAMSegmentTest(ScriptedLoadableModuleTest)" in module
     assert "@parameterNodeWrapper" in module
+
+
+def _calls(source: str) -> list[ast.Call]:
+    return [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Call)]
+
+
+def _attribute_assignments(source: str) -> dict[str, list[str]]:
+    """``x.name = value`` assignments in ``source``: name -> the values' source text."""
+    found: dict[str, list[str]] = {}
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Assign):
+            for target in node.targets:
+                if isinstance(target, ast.Attribute):
+                    found.setdefault(target.attr, []).append(ast.unparse(node.value))
+    return found
+
+
+def test_module_panel_follows_slicer_conventions():
+    """Review findings 8, 11, 17-19 (slicer-api-review.md), checked on the module's source: the
+    Qt widgets themselves only exist inside Slicer."""
+    source = (ROOT / "SAMSegment/SAMSegment.py").read_text(encoding="utf-8")
+    assigned = _attribute_assignments(source)
+    # qSlicerSimpleMarkupsWidget enters place mode on every node change unless told not to
+    assert assigned["enterPlaceModeOnNodeChange"] == ["False"]
+    # one segmentation selector: the segment selector's own combo is hidden
+    assert assigned["segmentationNodeSelectorVisible"] == ["False"]
+    # every combo is connected to the parameter node by a connector, none synced by hand
+    mapping = next(c for c in _calls(source) if ast.unparse(c.func).endswith("connectParametersToGui"))
+    keys = {k.value for k in mapping.args[0].keys}
+    assert {"model", "device", "direction", "inputVolume", "segmentation"} <= keys
+    assert "setCurrentText" not in source and "addItems" not in source
+    # tryWithErrorDisplay re-raises: used in one helper that turns the failure into False
+    uses = [c for c in _calls(source) if ast.unparse(c.func) == "slicer.util.tryWithErrorDisplay"]
+    assert len(uses) == 1
+    # the module widget is never created as a side effect of a lookup
+    assert "getModuleLogic" not in source and "getModuleGui" not in source
+
+
+def test_effect_follows_slicer_conventions():
+    """Review findings 12, 14, 20, 21: perSegment, actors through the effect, no module widget."""
+    source = (ROOT / EFFECT).read_text(encoding="utf-8")
+    assert _attribute_assignments(source)["perSegment"] == ["True"]
+    called = {ast.unparse(c.func) for c in _calls(source)}
+    assert {"self.scriptedEffect.addActor2D", "self.scriptedEffect.removeActor2D",
+            "self.scriptedEffect.confirmCurrentSegmentVisible", "core.ensure_dependencies"} <= called
+    assert "AddViewProp" not in source and "RemoveViewProp" not in source
+    assert "getModuleLogic" not in source and "use_session" not in source
+    for hook in ("sourceVolumeNodeChanged", "referenceGeometryChanged", "updateGUIFromMRML"):
+        assert f"def {hook}(self)" in source

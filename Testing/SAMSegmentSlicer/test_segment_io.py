@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import add_volume
+from conftest import SegmentEditorWidgetMirror, add_volume, segment_editor_singleton
 from SAMSegmentSlicer.segment_io import SegmentWriter, segment_array
 
 SHAPE = (10, 30, 36)
@@ -66,7 +66,7 @@ def test_overlap_setting_decides_whether_other_segments_change(setup):
     target = writer.ensure_segment(None, "target")
     writer.write_slice(other, 0, 2, plane_mask((30, 36), 0, 30, 0, 18))
     other_before = segment_array(seg, other, volume)
-    editor = writer.editor_node
+    editor = segment_editor_singleton(seg.GetScene())  # the settings the user sees in the Segment Editor
     editor.SetOverwriteMode(editor.OverwriteNone)  # "allow overlap"
     writer.write_slice(target, 0, 2, plane_mask((30, 36), 10, 20, 10, 30))
     assert np.array_equal(segment_array(seg, other, volume), other_before)
@@ -86,7 +86,7 @@ def test_masking_to_inside_a_segment_and_intensity_range(setup):
     region = writer.ensure_segment(None, "region")
     target = writer.ensure_segment(None, "target")
     writer.write_slice(region, 0, 6, plane_mask((30, 36), 0, 15, 0, 36))
-    editor = writer.editor_node
+    editor = segment_editor_singleton(seg.GetScene())
     editor.SetOverwriteMode(editor.OverwriteNone)
     editor.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedInsideSingleSegment)
     editor.SetMaskSegmentID(region)
@@ -146,3 +146,106 @@ def test_unknown_segment_is_a_clear_error(setup):
     *_, writer, _ = setup
     with pytest.raises(SAMSegmentError, match="not in"):
         writer.write_slice("nope", 0, 1, np.ones((30, 36), dtype=bool))
+
+
+def slice_labelmap(volume, seg, axis, index, mask2d):
+    from SAMSegmentSlicer.segment_io import oriented_labelmap, slice_slab
+
+    return oriented_labelmap(volume, seg, *slice_slab(mask2d, axis, index))
+
+
+def test_settings_are_read_from_the_segment_editor_at_every_write(setup):
+    """Review finding 5: the module's writes follow the Segment Editor's own node, not a private
+    node with defaults, and pick up a change made between two writes."""
+    scene, volume, seg, writer, source = setup
+    target = writer.ensure_segment(None, "target")
+    full = np.ones((30, 36), dtype=bool)
+    writer.write_slice(target, 0, 1, full)  # Segment Editor never opened: everywhere, no intensity mask
+    assert segment_array(seg, target, volume)[1].all()
+    editor = segment_editor_singleton(scene)
+    editor.SetSourceVolumeIntensityMask(True)
+    editor.SetSourceVolumeIntensityMaskRange(0, 150)
+    writer.write_slice(target, 0, 2, full)
+    assert np.array_equal(segment_array(seg, target, volume)[2].astype(bool), (source[2] >= 0) & (source[2] <= 150))
+    editor.SetSourceVolumeIntensityMask(False)
+    writer.write_slice(target, 0, 3, full)
+    assert segment_array(seg, target, volume)[3].all()
+
+
+def test_mask_segment_missing_from_this_segmentation_is_a_clear_error(setup):
+    import slicer
+
+    from SAMSegmentLib.errors import SAMSegmentError
+
+    scene, volume, seg, writer, _ = setup
+    target = writer.ensure_segment(None, "target")
+    editor = segment_editor_singleton(scene)
+    editor.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedInsideSingleSegment)
+    editor.SetMaskSegmentID("a segment of another segmentation")
+    with pytest.raises(SAMSegmentError, match="Editable area"):
+        writer.write_slice(target, 0, 1, np.ones((30, 36), dtype=bool))
+    assert not segment_array(seg, target, volume).any()
+
+
+@pytest.mark.parametrize("intensity_mask", [False, True])
+def test_write_lands_when_segmentation_geometry_differs_from_the_volume(mrml, intensity_mask):
+    """Review finding 7: a segmentation whose geometry is not the volume's (here 2x oversampled, as
+    Segment Editor > Specify geometry makes it). Slicer drops a modifier that is not on the
+    segmentation's grid when the intensity range is on; the slice is placed on that grid."""
+    scene, app = mrml
+    source = np.random.default_rng(1).integers(0, 100, SHAPE).astype(np.int16)
+    volume = add_volume(scene, source)
+    fine = add_volume(scene, np.zeros(tuple(2 * s for s in SHAPE), np.int16), name="oversampled",
+                      spacing=tuple(s / 2 for s in (0.8, 1.1, 2.5)))
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    seg.CreateDefaultDisplayNodes()
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(fine)
+    editor = segment_editor_singleton(scene)
+    editor.SetSourceVolumeIntensityMask(intensity_mask)
+    editor.SetSourceVolumeIntensityMaskRange(-1000, 1000)  # every voxel qualifies
+    writer = SegmentWriter(scene, seg, volume, app_logic=app)
+    sid = writer.ensure_segment(None, "organ")
+    mask = plane_mask((30, 36), 6, 20, 8, 30)
+    writer.write_slice(sid, 0, 4, mask)
+    written = segment_array(seg, sid, volume).astype(bool)
+    assert np.array_equal(written[4], mask)
+    assert not np.delete(written, 4, axis=0).any()
+
+
+def test_segment_editor_undo_reverts_our_write_and_not_the_users_earlier_edit(mrml):
+    """Review finding 5: vtkSegmentationHistory::RestorePreviousState goes back to the last *saved*
+    state, so without a saved state before our write the Segment Editor's Ctrl+Z would also revert
+    the user's last edit. With the editor open on this segmentation, its state is saved first."""
+    scene, app = mrml
+    volume = add_volume(scene, np.zeros(SHAPE, dtype=np.int16))
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    seg.CreateDefaultDisplayNodes()
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    user = seg.GetSegmentation().AddEmptySegment("user")
+    sam = seg.GetSegmentation().AddEmptySegment("sam")
+    singleton = segment_editor_singleton(scene)
+    results = {}
+    for guarded in (False, True):
+        editor = SegmentEditorWidgetMirror(scene, app, singleton)
+        editor.setSegmentationNode(seg)
+        editor.setSourceVolumeNode(volume)
+        singleton.SetSelectedSegmentID(user)
+        editor.paint(user, slice_labelmap(volume, seg, 0, 2, plane_mask((30, 36), 0, 10, 0, 10)))
+        painted = segment_array(seg, user, volume)
+        writer = SegmentWriter(scene, seg, volume, app_logic=app,
+                               segment_editor=(lambda: editor) if guarded else None)
+        writer.write_slice(sam, 0, 5, plane_mask((30, 36), 10, 20, 10, 20))
+        assert singleton.GetSegmentationNode() is seg and singleton.GetSelectedSegmentID() == user  # untouched
+        editor.undo()
+        results[guarded] = (np.array_equal(segment_array(seg, user, volume), painted),
+                            not segment_array(seg, sam, volume).any())
+        writer.close()
+        editor.setSegmentationNode(None)  # a new history next round
+        for sid in (user, sam):
+            seg.GetSegmentation().GetSegment(sid).RemoveAllRepresentations()
+        seg.GetSegmentation().RemoveSegment(user)
+        seg.GetSegmentation().RemoveSegment(sam)
+        user = seg.GetSegmentation().AddEmptySegment("user")
+        sam = seg.GetSegmentation().AddEmptySegment("sam")
+    assert results[True] == (True, True)  # our write reverted, the user's paint kept
+    assert results[False] == (False, True)  # the mechanism the guard prevents: the paint went too
