@@ -358,7 +358,7 @@ def _everything_now(session: Any, ref: SliceRef, p: EverythingParams, progress: 
     min_px, max_px = p.min_area_frac * n_valid, p.max_area_frac * n_valid
     boxes = p.prompt == "boxes"
     prompts = grid_boxes(h, w, p.points_per_side, p.box_scales) if boxes else grid_points(h, w, p.points_per_side)
-    multimask = not boxes and backend.spec.architecture != "litemedsam"
+    multimask = not boxes and backend.spec.multimask_output
     refine = boxes and p.refine_boxes
     path, size = decoder_plan(backend, p, multimask)
     size = max(size, 8) if path == "loop" else size  # loop: chunks only set how often cancel/progress run

@@ -23,7 +23,7 @@ import numpy as np
 
 from .device import select_device
 from .errors import CheckpointError, MemoryBudgetError
-from .model_registry import ModelSpec, get_spec, resolve_weights
+from .model_registry import ModelSpec, get_spec, model_ids_for, resolve_weights
 from .preprocessing import SliceGeometry
 from .runtimes import FEATURES_OUTPUTS, first_layer_split, part_runtimes, requested_runtime
 
@@ -126,8 +126,8 @@ class SamBackend:
         found = detect_architecture(state)
         if found != spec.architecture:
             what = f"a {found} model" if found else "not a SAM-family model this program knows"
-            hint = {"litemedsam": "--model litemedsam", "vit_b": "--model sam_vit_b or medsam_vit_b",
-                    "vit_l": "--model sam_vit_l", "vit_h": "--model sam_vit_h"}.get(found or "", "a matching model")
+            matching = model_ids_for(found) if found else []
+            hint = f"--model {' or '.join(matching)}" if matching else "a matching model"
             raise CheckpointError(f"Checkpoint {self.weights_path} is {what}, but model {spec.id!r} needs "
                                   f"architecture {spec.architecture}", f"choose {hint}, or pass the right file")
         net = build_network(spec.architecture)

@@ -5,6 +5,10 @@ and points/boxes are the two in-plane voxel indices in ITK order (for an axial K
 J, i.e. column then row as in any image viewer showing the array). With ``--coords lps``,
 points are physical millimetres in LPS, the convention of ITK/SimpleITK and DICOM (Slicer shows
 RAS: negate the first two numbers); the slice is the one the points lie on.
+
+Layout: options shared by several commands are defined once, in the parent parsers of
+``_parents``; each command names its parents and its function in ``build_parser`` (dispatch
+through ``set_defaults(func=...)``); every long engine call runs inside ``_interruptible``.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -31,34 +35,52 @@ EPILOG = """examples:
   samsegment segment ct.nii.gz --slice 22 --box 20 30 60 70 --out spleen_slice.nii.gz
   samsegment propagate ct.nii.gz --slice 22 --box 20 30 60 70 --out spleen.nii.gz --png spleen.png
   samsegment propagate ct.nii.gz --coords lps --box -120 -30 210 -60 10 210 --out spleen.nii.gz
+  samsegment propagate dicom_folder --series-uid 1.2.840.1234 --slice 22 --box 20 30 60 70 --out spleen.nii.gz
   samsegment embed ct.nii.gz --cache-dir ct_cache
-  samsegment models
+  samsegment models --registry my_models.json
 """
 
 
-# ------------------------------------------------------------------------------------------ parser
-def _common(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, help="model id (see 'samsegment models'); default: litemedsam, bundled")
-    g.add_argument("--checkpoint", default=None, help="weights file for models that are not bundled (SAM, MedSAM)")
-    g.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps")
-    g.add_argument("--cache-mib", type=float, default=1024, help="memory budget for slice embeddings (MiB, default 1024)")
-    g.add_argument("--cache-dir", default=None, help="folder of precomputed embeddings (see 'samsegment embed')")
-    g.add_argument("--runtime", default=None, choices=["auto", "eager", "onnx"],
-                   help="what runs the model: auto (default, or $SAMSEGMENT_RUNTIME; ONNX Runtime on CPU when "
-                        "installed, else PyTorch), eager (PyTorch) or onnx")
-    g = p.add_argument_group("intensity")
-    g.add_argument("--window", default="auto",
-                   help="auto, a CT preset (abdomen, soft_tissue, liver, lung, bone, brain, mediastinum) or LOW,HIGH")
-    g.add_argument("--modality", default="auto", choices=["auto", "ct", "mr", "other"],
-                   help="how 'auto' picks the window: CT preset for CT, 0.5-99.5 percentiles otherwise")
+# ------------------------------------------------------------------------------------------ options
+def _input_options(g: Any) -> None:
+    g.add_argument("image", help="image file or DICOM folder")
+    g.add_argument("--series-uid", default=None, metavar="UID",
+                   help="for a DICOM folder of several series: the one to read (default: the one with the most "
+                        "files; the others are named in a warning)")
 
 
-def _prompt_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("prompts")
+def _axis_option(g: Any) -> None:
+    g.add_argument("--axis", default="k", help="slice axis: k (axial for most scans), j or i; or 0, 1, 2")
+
+
+def _range_option(g: Any) -> None:
+    g.add_argument("--range", type=int, nargs=2, default=None, metavar=("FIRST", "LAST"),
+                   help="only slices FIRST..LAST (inclusive)")
+
+
+def _out_file_options(g: Any) -> None:
+    g.add_argument("--out", required=True, help="file to write (.nii.gz, .nrrd, .mha); keeps the image geometry")
+    g.add_argument("--png", default=None, help="also write a PNG overlay (a montage when several slices)")
+
+
+def _out_dir_option(g: Any) -> None:
+    g.add_argument("--out", required=True, help="output folder (not the input folder)")
+
+
+def _overwrite_option(g: Any) -> None:
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace outputs that exist (inputs are never overwritten); for embed: rebuild a "
+                        "--cache-dir that belongs to another image")
+
+
+def _mask_options(g: Any) -> None:
+    g.add_argument("--fill-holes", action="store_true", help="fill holes in each slice's mask")
+    g.add_argument("--largest-component", action="store_true", help="keep only the largest connected region")
+
+
+def _prompt_options(g: Any) -> None:
     g.add_argument("--coords", choices=["voxel", "lps"], default="voxel",
                    help="voxel: in-plane voxel indices in ITK order on --slice; lps: physical mm (x y z) in LPS")
-    g.add_argument("--axis", default="k", help="slice axis: k (axial for most scans), j or i; or 0, 1, 2")
     g.add_argument("--slice", type=int, default=None, help="slice index along --axis (voxel coords)")
     g.add_argument("--box", type=float, nargs="+", metavar="N",
                    help="box: voxel x0 y0 x1 y1, or lps two corners x y z x y z")
@@ -69,71 +91,100 @@ def _prompt_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--box-margin", type=float, default=None, metavar="F",
                    help="enlarge the box by this fraction of its side before segmenting (default: the model's, "
                         "0.1 for LiteMedSAM, which under-segments from boxes drawn tight to the edge); 0 = as given")
-    g = p.add_argument_group("output")
-    g.add_argument("--out", required=True, help="mask file to write (.nii.gz, .nrrd, .mha); keeps the image geometry")
-    g.add_argument("--png", default=None, help="also write a PNG overlay (montage for propagate)")
-    g.add_argument("--overwrite", action="store_true", help="replace --out if it exists (inputs are never overwritten)")
-    g.add_argument("--fill-holes", action="store_true", help="fill holes in each slice's mask")
-    g.add_argument("--largest-component", action="store_true", help="keep only the largest connected region")
 
 
-def _prop_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("propagation")
+def _propagation_options(g: Any) -> None:
     g.add_argument("--direction", choices=["both", "up", "down"], default="both",
                    help="up = increasing slice index, down = decreasing")
     g.add_argument("--max-slices", type=int, default=None, help="at most this many slices each way")
-    g.add_argument("--range", type=int, nargs=2, default=None, metavar=("FIRST", "LAST"),
-                   help="only write slices FIRST..LAST (inclusive)")
     g.add_argument("--min-iou", type=float, default=None, help="stop when the overlap with the previous slice drops below")
     g.add_argument("--min-area", type=int, default=None, help="stop when the mask has fewer pixels than this")
     g.add_argument("--min-score", type=float, default=None, help="stop when the model's quality score drops below")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="samsegment", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
-        description="Segment 3D medical images (CT, MR; NIfTI, NRRD, MHA or a DICOM folder) with Segment-Anything "
-                    "models: prompt one slice with a box or points, then propagate through the neighbouring slices.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="print more detail")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
+def _everything_options(g: Any) -> None:
+    g.add_argument("--grid", type=int, default=16, help="prompts per side of the grid on each slice (default 16)")
+    g.add_argument("--grid-prompt", choices=["auto", "points", "boxes"], default="auto",
+                   help="auto: boxes for box-only models (LiteMedSAM, MedSAM), points for SAM")
+    g.add_argument("--box-scales", type=float, nargs="+", default=[0.12, 0.25], metavar="F",
+                   help="box grids: box sides as fractions of the slice's longest side (default 0.12 0.25)")
+    g.add_argument("--min-quality", type=float, default=None,
+                   help="keep masks whose predicted IoU is at least this (default 0.88 SAM, 0.70 box-only models)")
+    g.add_argument("--min-stability", type=float, default=None,
+                   help="keep masks whose stability score is at least this (default 0.95 SAM, 0.80 box-only)")
+    g.add_argument("--nms-iou", type=float, default=0.7, help="drop a mask overlapping a better one above this IoU")
+    g.add_argument("--batch-size", type=int, default=0,
+                   help="prompts per decoder call for the batched path (0 = auto: 64 on a GPU, 1 on CPU)")
+    g.add_argument("--decoder", choices=["auto", "batched", "loop"], default="auto",
+                   help="batched: many prompts per eager decoder call (GPU); loop: the backend's one-prompt "
+                        "decoder (ONNX Runtime on CPU); auto picks by machine")
 
-    p = sub.add_parser("segment", help="segment one slice from a box and/or points",
-                       description="Segment one slice and write a 3D mask with only that slice set.")
-    p.add_argument("image", help="image file or DICOM folder")
-    _prompt_args(p)
-    _common(p)
 
-    p = sub.add_parser("propagate", help="segment one slice, then propagate through adjacent slices",
-                       description="Segment a slice from prompts (or take an existing mask's slices as accepted "
-                                   "anchors with --anchor-mask) and propagate slice by slice.")
-    p.add_argument("image", help="image file or DICOM folder")
-    p.add_argument("--anchor-mask", default=None,
-                   help="mask file whose non-empty slices along --axis are accepted anchors (instead of prompts)")
-    _prompt_args(p)
-    _prop_args(p)
-    _common(p)
+def _uncertainty_options(g: Any) -> None:
+    g.add_argument("--prob-out", default=None, help="also write the mean probability map here")
+    g.add_argument("--samples", type=int, default=16, help="number of jittered prompts (default 16)")
+    g.add_argument("--jitter", type=float, default=0.1, help="jitter sd as a fraction of the box size (default 0.1)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (same seed, same result)")
+    g.add_argument("--measure", choices=["entropy", "variance"], default="entropy",
+                   help="entropy of the mean probability (bits, 0..1) or variance of the masks (0..0.25)")
 
-    p = sub.add_parser("embed", help="precompute a volume's slice embeddings into a cache folder",
-                       description="Encode every slice along --axis once and save the embeddings, so later "
-                                   "segment/propagate runs with --cache-dir answer in milliseconds per prompt.")
-    p.add_argument("image")
-    p.add_argument("--axis", default="k")
-    p.add_argument("--overwrite", action="store_true", help="rebuild a cache folder that belongs to another image")
-    _common(p)
 
-    p = sub.add_parser("demo", help="segment a structure of the bundled sample CT and report Dice",
-                       description="One box on the structure's largest slice (taken from the reference label), "
-                                   "propagation both ways, mask + PNG montage written to --out, Dice printed.")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--structure", default="spleen", help="spleen (default), liver, kidney_left, ... (see labels)")
-    p.add_argument("--overwrite", action="store_true")
-    _common(p)
+def _registry_option(g: Any) -> None:
+    g.add_argument("--registry", default=None, metavar="FILE",
+                   help='JSON file of extra models, {"format": 1, "models": [...]} with entries like the packaged '
+                        'models.json; an entry may replace a packaged model of the same id only with "replaces": true')
 
-    sub.add_parser("models", help="list the models, where their weights come from, and the devices",
-                   description="List the known models and whether their weights are available.")
-    _add_analysis_parsers(sub)
+
+def _model_options(g: Any) -> None:
+    from .model_registry import default_model_id
+    from .runtimes import RUNTIMES
+
+    g.add_argument("--model", default=None,
+                   help=f"model id (see 'samsegment models'); default: {default_model_id()}, bundled")
+    _registry_option(g)
+    g.add_argument("--checkpoint", default=None, help="weights file for models that are not bundled (SAM, MedSAM)")
+    g.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps")
+    g.add_argument("--cache-mib", type=float, default=1024, help="memory budget for slice embeddings (MiB, default 1024)")
+    g.add_argument("--cache-dir", default=None, help="folder of precomputed embeddings (see 'samsegment embed')")
+    g.add_argument("--runtime", default=None, choices=RUNTIMES,
+                   help="what runs the model: auto (default, or $SAMSEGMENT_RUNTIME; ONNX Runtime on CPU when "
+                        "installed, else PyTorch), eager (PyTorch) or onnx")
+
+
+def _intensity_options(g: Any) -> None:
+    from .preprocessing import CT_PRESETS
+
+    g.add_argument("--window", default="auto",
+                   help=f"auto, a CT preset ({', '.join(CT_PRESETS)}) or LOW,HIGH")
+    g.add_argument("--modality", default="auto", choices=["auto", "ct", "mr", "other"],
+                   help="how 'auto' picks the window: CT preset for CT, 0.5-99.5 percentiles otherwise")
+
+
+def _parent(*groups: tuple[str | None, Callable[[Any], None]]) -> argparse.ArgumentParser:
+    """A parent parser holding the options that ``add`` defines, in the argument group ``title``
+    (None: the command's plain options); parents with the same group title share one group."""
+    parser = argparse.ArgumentParser(add_help=False)
+    for title, add in groups:
+        add(parser.add_argument_group(title) if title else parser)
     return parser
+
+
+def _parents() -> dict[str, argparse.ArgumentParser]:
+    return {
+        "input": _parent(("input", _input_options)),
+        "axis": _parent((None, _axis_option)),
+        "range": _parent((None, _range_option)),
+        "prompts": _parent(("prompts", _prompt_options)),
+        "out_file": _parent(("output", _out_file_options)),
+        "out_dir": _parent(("output", _out_dir_option)),
+        "overwrite": _parent(("output", _overwrite_option)),
+        "mask": _parent(("output", _mask_options)),
+        "propagation": _parent(("propagation", _propagation_options)),
+        "everything": _parent(("everything mode", _everything_options)),
+        "uncertainty": _parent(("uncertainty", _uncertainty_options)),
+        "registry": _parent(("model", _registry_option)),
+        "model": _parent(("model", _model_options), ("intensity", _intensity_options)),
+    }
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -156,45 +207,70 @@ def _window(text: str) -> Any:
     return text
 
 
+def _read(args: argparse.Namespace):
+    """(volume, geometry) of the command's image (the chosen series of a DICOM folder)."""
+    from . import io as sio
+
+    return sio.read_volume(args.image, series_uid=args.series_uid)
+
+
 def _session(args: argparse.Namespace):
+    """The session of a command: its model from the packaged registry and ``--registry``, built here."""
+    from .backends import SamBackend
     from .session import SegmentationSession
 
-    return SegmentationSession(model=args.model, checkpoint=args.checkpoint, device=args.device,
-                               cache_bytes=int(args.cache_mib * 2**20), cache_dir=args.cache_dir,
+    backend = SamBackend.from_model_id(args.model, args.checkpoint, args.device, extra_registry=args.registry,
+                                       runtime=args.runtime)
+    return SegmentationSession(model=backend, cache_bytes=int(args.cache_mib * 2**20), cache_dir=args.cache_dir,
                                fill_holes=getattr(args, "fill_holes", False),
                                largest_component=getattr(args, "largest_component", False),
-                               runtime=getattr(args, "runtime", None), box_margin=getattr(args, "box_margin", None))
+                               box_margin=getattr(args, "box_margin", None))
 
 
-def _progress(desc: str, total: int):
-    from tqdm import tqdm
+def _progress(desc: str, position: int) -> tuple[Callable[[int, int, str], None], Callable[[], None]]:
+    """(update, close) of a progress bar on stderr, drawn from the first update on (hidden when
+    stderr is not a terminal); ``position`` keeps several bars of one command in a fixed order."""
+    bars: list[Any] = []
 
-    bar = tqdm(total=total, desc=desc, unit="slice", file=sys.stderr, leave=False, disable=None)
+    def update(done: int, total: int, message: str) -> None:
+        if not bars:
+            from tqdm import tqdm
 
-    def update(done: int, total_: int, message: str) -> None:
-        bar.total = max(total_, done)
+            bars.append(tqdm(total=total, desc=desc, unit="slice", file=sys.stderr, leave=False, disable=None,
+                             position=position))
+        bar = bars[0]
+        bar.total = max(total, done)
         bar.n = done
         bar.set_postfix_str(message, refresh=False)
         bar.refresh()
 
-    return bar, update
+    def close() -> None:
+        for bar in bars:
+            bar.close()
+
+    return update, close
 
 
 @contextlib.contextmanager
-def _interruptible(desc: str, total: int) -> Iterator[tuple[Any, Any]]:
-    """(progress callback, cancel token) for one long engine call, with a progress bar that is
-    always closed; Ctrl-C first cancels the token, so the session's workers stop too, then goes on up."""
+def _interruptible(*bars: str, interrupted: str = "") -> Iterator[tuple[Any, ...]]:
+    """(one progress callback per name in ``bars``, ..., cancel token) for one long engine call;
+    the bars are always closed. Ctrl-C first cancels the token, so the session's workers stop
+    too, then goes on up to ``main`` as a KeyboardInterrupt that carries ``interrupted`` (the
+    message to print; default: nothing was written)."""
     from .worker import CancelToken
 
     cancel = CancelToken()
-    bar, update = _progress(desc, total)
+    progress = [_progress(desc, position) for position, desc in enumerate(bars)]
     try:
-        yield update, cancel
-    except KeyboardInterrupt:
+        yield (*(update for update, _ in progress), cancel)
+    except KeyboardInterrupt as exc:
         cancel.cancel()
+        if interrupted:
+            raise KeyboardInterrupt(interrupted) from exc
         raise
     finally:
-        bar.close()
+        for _, close in progress:
+            close()
 
 
 def _slice_prompts(args: argparse.Namespace, geometry: Any, shape: tuple[int, ...]):
@@ -252,33 +328,25 @@ def _write_outputs(args: argparse.Namespace, mask_kji: np.ndarray, geometry: Any
     sio.write_mask(args.out, mask_kji.astype(np.uint8), geometry, overwrite=args.overwrite,
                    source_paths=[args.image] + ([args.anchor_mask] if getattr(args, "anchor_mask", None) else []))
     print(f"Mask written: {args.out}")
+    _write_png(args, session, mask_kji, axis, indices, geometry)
+
+
+def _write_png(args: argparse.Namespace, session: Any, mask_kji: np.ndarray, axis: int, indices: list[int],
+               geometry: Any) -> None:
+    from . import io as sio
+
     if args.png:
-        write_png_montage(args.png, session, mask_kji, axis, indices, geometry, overwrite=args.overwrite)
+        sio.write_png_montage(args.png, session.slice_image, mask_kji, axis, indices, geometry,
+                              overwrite=args.overwrite)
         print(f"Overlay written: {args.png}")
 
 
-def write_png_montage(path: str | Path, session: Any, mask_kji: np.ndarray, axis: int, indices: list[int],
-                      geometry: Any, overwrite: bool = False, max_tiles: int = 16) -> None:
-    from . import io as sio
-    from .volume import SliceRef, get_slice
+def _everything_params(args: argparse.Namespace):
+    from .automatic import EverythingParams
 
-    if Path(path).exists() and not overwrite:
-        raise sio.ImageIOError(f"{path} exists", "pass --overwrite or choose another name")
-    if len(indices) > max_tiles:
-        picks = np.linspace(0, len(indices) - 1, max_tiles).round().astype(int)
-        indices = [indices[i] for i in sorted(set(picks.tolist()))]
-    spacing = geometry.array_spacing()  # (K, J, I) spacing
-    in_plane = [a for a in (0, 1, 2) if a != axis]
-    view, transposed = geometry.radiological_view(axis)
-    pixel_spacing = (spacing[in_plane[0]], spacing[in_plane[1]])
-    if transposed:
-        pixel_spacing = pixel_spacing[::-1]
-    tiles = []
-    for index in indices:
-        ref = SliceRef(axis, index)
-        tiles.append(sio.overlay_tile(view(session.slice_image(ref)), [(view(get_slice(mask_kji, ref) > 0), (255, 64, 64))],
-                                      pixel_spacing=pixel_spacing, label=f"{'kji'[axis]}={index}"))
-    sio.save_montage_png(path, tiles, ncols=min(4, len(tiles)))
+    return EverythingParams(points_per_side=args.grid, prompt=args.grid_prompt, box_scales=tuple(args.box_scales),
+                            pred_iou_thresh=args.min_quality, stability_thresh=args.min_stability,
+                            nms_iou=args.nms_iou, batch_size=args.batch_size, decoder=args.decoder)
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -287,7 +355,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     from .model_registry import default_model_id, load_registry, resolve_weights
 
     default = default_model_id()
-    for spec in load_registry().values():
+    packaged = load_registry()
+    for spec in load_registry(args.registry).values():
         if spec.needs_user_checkpoint:
             where = f"your file ({spec.weights.get('filename')}), pass --checkpoint"
         else:
@@ -296,6 +365,8 @@ def cmd_models(args: argparse.Namespace) -> int:
             except SAMSegmentError as exc:
                 where = f"MISSING: {exc}"
         mark = " (default)" if spec.id == default else ""
+        if packaged.get(spec.id) != spec:
+            mark += f" (from {args.registry})"
         prompts = "a box (points refine it)" if spec.needs_box else "points and/or a box"
         if spec.box_margin > 0:
             prompts += f"; boxes widened by {spec.box_margin:.0%} of their side (--box-margin)"
@@ -309,9 +380,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from . import io as sio
+    from .volume import set_slice
 
-    volume, geometry = sio.read_volume(args.image)
+    volume, geometry = _read(args)
     with _session(args) as session:
         session.set_volume(volume, window=_window(args.window), modality=args.modality)
         ref, prompts = _slice_prompts(args, geometry, volume.shape)
@@ -319,8 +390,6 @@ def cmd_segment(args: argparse.Namespace) -> int:
         pred = session.predict(ref, prompts)
         log.info("slice %s segmented in %.2f s", ref, time.perf_counter() - t0)
         mask = np.zeros(volume.shape, dtype=np.uint8)
-        from .volume import set_slice
-
         set_slice(mask, ref, pred.mask)
         print(f"Slice {ref.index} (axis {'kji'[ref.axis]}): {pred.area} pixels, model score {pred.score:.3f}")
         _write_outputs(args, mask, geometry, session, ref.axis, [ref.index])
@@ -344,7 +413,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     from . import io as sio
     from .propagation import propagate
 
-    volume, geometry = sio.read_volume(args.image)
+    volume, geometry = _read(args)
     axis = _axis(args.axis)
     with _session(args) as session:
         session.set_volume(volume, window=_window(args.window), modality=args.modality)
@@ -362,7 +431,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
             print(f"Slice {ref.index} (axis {'kji'[axis]}): {pred.area} pixels, model score {pred.score:.3f}")
             anchors = {ref.index: pred.mask}
         t0 = time.perf_counter()
-        with _interruptible("propagating", volume.shape[axis] - len(anchors)) as (update, cancel):
+        with _interruptible("propagating") as (update, cancel):
             result = propagate(session, axis, anchors, direction=args.direction, rules=_rules(args),
                                progress=update, cancel=cancel)
         elapsed = time.perf_counter() - t0
@@ -377,23 +446,19 @@ def cmd_propagate(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from . import io as sio
     from .volume import SliceRef
 
     if not args.cache_dir:
         raise SAMSegmentError("embed needs --cache-dir", "give a folder to store the embeddings in")
-    volume, _ = sio.read_volume(args.image)
+    volume, _ = _read(args)
     axis = _axis(args.axis)
     with _session(args) as session:
         session.set_volume(volume, window=_window(args.window), modality=args.modality,
                            overwrite_disk_cache=args.overwrite)
         refs = [SliceRef(axis, i) for i in range(volume.shape[axis])]
-        bar, update = _progress("encoding", len(refs))
         t0 = time.perf_counter()
-        try:
-            encoded = session.encode_slices(refs, progress=update)
-        finally:
-            bar.close()
+        with _interruptible("encoding") as (update, cancel):
+            encoded = session.encode_slices(refs, progress=update, cancel=cancel)
         print(f"{encoded} slice(s) encoded, {len(refs) - encoded} already cached or blank, "
               f"in {time.perf_counter() - t0:.1f} s -> {args.cache_dir}")
     return 0
@@ -402,99 +467,26 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    summary = run_demo(args.out, structure=args.structure, model=args.model, checkpoint=args.checkpoint,
-                       device=args.device, overwrite=args.overwrite, window=_window(args.window),
-                       cache_bytes=int(args.cache_mib * 2**20), runtime=args.runtime)
+    with _interruptible("propagating") as (update, cancel):
+        summary = run_demo(args.out, structure=args.structure, model=args.model, registry=args.registry,
+                           checkpoint=args.checkpoint, device=args.device, overwrite=args.overwrite,
+                           window=_window(args.window), modality=args.modality,
+                           cache_bytes=int(args.cache_mib * 2**20), runtime=args.runtime,
+                           progress=update, cancel=cancel)
+    print(f"Structure: {summary['structure']}, model {summary['model']} on {summary['device']}")
+    print(f"Box {[round(v) for v in summary['box_xyxy']]} on slice {summary['anchor_slice']}; propagated to "
+          f"{summary['slices_written']} slices in {summary['seconds_total']:.1f} s")
+    print(f"Mask: {summary['mask']}\nOverlay: {summary['overlay']}")
+    print(f"Dice: {summary['dice']:.4f}")
     log.info(json.dumps(summary, indent=1))
     return 0
-
-
-COMMANDS = {"models": cmd_models, "segment": cmd_segment, "propagate": cmd_propagate, "embed": cmd_embed,
-            "demo": cmd_demo}
-
-# ------------------------------------------------------------------------------------------ issue 5:
-# everything mode, SAMAug channels, prompt-jitter uncertainty
-def _everything_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("everything mode")
-    g.add_argument("--grid", type=int, default=16, help="prompts per side of the grid on each slice (default 16)")
-    g.add_argument("--grid-prompt", choices=["auto", "points", "boxes"], default="auto",
-                   help="auto: boxes for box-only models (LiteMedSAM, MedSAM), points for SAM")
-    g.add_argument("--box-scales", type=float, nargs="+", default=[0.12, 0.25], metavar="F",
-                   help="box grids: box sides as fractions of the slice's longest side (default 0.12 0.25)")
-    g.add_argument("--min-quality", type=float, default=None,
-                   help="keep masks whose predicted IoU is at least this (default 0.88 SAM, 0.70 box-only models)")
-    g.add_argument("--min-stability", type=float, default=None,
-                   help="keep masks whose stability score is at least this (default 0.95 SAM, 0.80 box-only)")
-    g.add_argument("--nms-iou", type=float, default=0.7, help="drop a mask overlapping a better one above this IoU")
-    g.add_argument("--batch-size", type=int, default=0,
-                   help="prompts per decoder call for the batched path (0 = auto: 64 on a GPU, 1 on CPU)")
-    g.add_argument("--decoder", choices=["auto", "batched", "loop"], default="auto",
-                   help="batched: many prompts per eager decoder call (GPU); loop: the backend's one-prompt "
-                        "decoder (ONNX Runtime on CPU); auto picks by machine")
-
-
-def _everything_params(args: argparse.Namespace):
-    from .automatic import EverythingParams
-
-    return EverythingParams(points_per_side=args.grid, prompt=args.grid_prompt, box_scales=tuple(args.box_scales),
-                            pred_iou_thresh=args.min_quality, stability_thresh=args.min_stability,
-                            nms_iou=args.nms_iou, batch_size=args.batch_size, decoder=args.decoder)
-
-
-def _add_analysis_parsers(sub: Any) -> None:
-    p = sub.add_parser("everything", help="automatic segmentation of every slice with a prompt grid (no prompts)",
-                       description="SAM's 'everything' mode: a grid of prompts per slice, masks filtered by "
-                                   "predicted quality and stability, duplicates removed; writes a label volume. "
-                                   "Labels are linked across adjacent slices by overlap unless --per-slice-labels.")
-    p.add_argument("image", help="image file or DICOM folder")
-    p.add_argument("--out", required=True, help="label volume to write (.nii.gz, .nrrd, .mha)")
-    p.add_argument("--axis", default="k", help="slice axis: k, j or i (or 0, 1, 2)")
-    p.add_argument("--slice", type=int, default=None, help="only this slice (default: all)")
-    p.add_argument("--range", type=int, nargs=2, default=None, metavar=("FIRST", "LAST"),
-                   help="only slices FIRST..LAST (inclusive)")
-    p.add_argument("--per-slice-labels", action="store_true",
-                   help="give every region of every slice its own label (default: link regions across slices)")
-    p.add_argument("--link-iou", type=float, default=0.5, help="overlap needed to continue a label on the next slice")
-    p.add_argument("--png", default=None, help="also write a PNG montage of the found regions")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    _everything_args(p)
-    _common(p)
-
-    p = sub.add_parser("samaug", help="SAMAug: write (intensity, segmentation prior, boundary prior) channels "
-                                      "for every volume of a folder, resumable",
-                       description="For each volume in INPUT_DIR, everything mode on every slice gives a "
-                                   "segmentation prior (sum of the masks' stability scores) and a boundary prior "
-                                   "(outer mask boundaries). Writes CASE_0000 (intensity), CASE_0001 (segmentation "
-                                   "prior), CASE_0002 (boundary prior) with the input geometry, then CASE.samaug.json. "
-                                   "Cases with a marker are skipped, so an interrupted run resumes where it stopped.")
-    p.add_argument("input_dir", help="folder of volumes (.nii.gz, .nii, .nrrd, .mha, .mhd)")
-    p.add_argument("--out", required=True, help="output folder (not the input folder)")
-    p.add_argument("--axis", default="k", help="slice axis: k, j or i (or 0, 1, 2)")
-    p.add_argument("--redo", action="store_true", help="recompute finished cases too")
-    _everything_args(p)
-    _common(p)
-
-    p = sub.add_parser("uncertainty", help="mean probability and uncertainty over jittered copies of a prompt",
-                       description="Decode N randomly jittered copies of the box/points (SAM-U style) and write "
-                                   "the per-pixel uncertainty (entropy of the mean probability, or variance of "
-                                   "the N masks) and optionally the mean probability, on the prompted slice.")
-    p.add_argument("image", help="image file or DICOM folder")
-    _prompt_args(p)
-    g = p.add_argument_group("uncertainty")
-    g.add_argument("--prob-out", default=None, help="also write the mean probability map here")
-    g.add_argument("--samples", type=int, default=16, help="number of jittered prompts (default 16)")
-    g.add_argument("--jitter", type=float, default=0.1, help="jitter sd as a fraction of the box size (default 0.1)")
-    g.add_argument("--seed", type=int, default=0, help="random seed (same seed, same result)")
-    g.add_argument("--measure", choices=["entropy", "variance"], default="entropy",
-                   help="entropy of the mean probability (bits, 0..1) or variance of the masks (0..0.25)")
-    _common(p)
 
 
 def cmd_everything(args: argparse.Namespace) -> int:
     from . import io as sio
     from .automatic import everything_volume
 
-    volume, geometry = sio.read_volume(args.image)
+    volume, geometry = _read(args)
     axis = _axis(args.axis)
     n = volume.shape[axis]
     if args.slice is not None:
@@ -511,7 +503,7 @@ def cmd_everything(args: argparse.Namespace) -> int:
     with _session(args) as session:
         session.set_volume(volume, window=_window(args.window), modality=args.modality)
         t0 = time.perf_counter()
-        with _interruptible("everything", len(indices)) as (update, cancel):
+        with _interruptible("everything") as (update, cancel):
             labels = everything_volume(session, axis, indices, params, link=not args.per_slice_labels,
                                        link_iou=args.link_iou, progress=update, cancel=cancel)
         elapsed = time.perf_counter() - t0
@@ -520,34 +512,22 @@ def cmd_everything(args: argparse.Namespace) -> int:
         sio.write_array(args.out, labels.astype(dtype), geometry, overwrite=args.overwrite, source_paths=[args.image])
         print(f"{count} label(s) on {len(indices)} slice(s) in {elapsed:.1f} s "
               f"({elapsed / len(indices):.2f} s/slice); labels written: {args.out}")
-        if args.png:
-            write_png_montage(args.png, session, labels, axis, indices, geometry, overwrite=args.overwrite)
-            print(f"Overlay written: {args.png}")
+        _write_png(args, session, labels, axis, indices, geometry)
     return 0
 
 
 def cmd_samaug(args: argparse.Namespace) -> int:
     from .samaug import find_inputs, samaug_batch
-    from .worker import CancelToken
 
     inputs = find_inputs(args.input_dir)
     axis = _axis(args.axis)
     params = _everything_params(args)
-    cancel = CancelToken()
+    resume = "interrupted; finished cases are kept, run the same command again to resume"
     with _session(args) as session:
-        cases_bar, cases_update = _progress("cases", len(inputs))
-        slices_bar, slices_update = _progress("slices", 0)
-        try:
+        with _interruptible("cases", "slices", interrupted=resume) as (cases_update, slices_update, cancel):
             summary = samaug_batch(inputs, args.out, session, axis, params, window=_window(args.window),
                                    modality=args.modality, redo=args.redo, progress=cases_update,
                                    slice_progress=slices_update, cancel=cancel)
-        except KeyboardInterrupt:
-            cancel.cancel()
-            print("interrupted; finished cases are kept, run the same command again to resume", file=sys.stderr)
-            return 130
-        finally:
-            slices_bar.close()
-            cases_bar.close()
     print(f"{len(summary.done)} case(s) written, {len(summary.skipped)} already finished (skipped), "
           f"{len(summary.failed)} failed, in {summary.seconds:.1f} s -> {args.out}")
     for case, why in summary.failed.items():
@@ -560,7 +540,7 @@ def cmd_uncertainty(args: argparse.Namespace) -> int:
     from .uncertainty import prompt_uncertainty
     from .volume import set_slice
 
-    volume, geometry = sio.read_volume(args.image)
+    volume, geometry = _read(args)
     for target in [args.out] + ([args.prob_out] if args.prob_out else []):
         if Path(target).exists() and not args.overwrite:
             raise sio.ImageIOError(f"{target} already exists", "pass --overwrite or choose another name")
@@ -584,32 +564,92 @@ def cmd_uncertainty(args: argparse.Namespace) -> int:
             set_slice(prob_vol, ref, mean)
             sio.write_volume(args.prob_out, prob_vol, geometry, overwrite=args.overwrite, source_paths=[args.image])
             print(f"Mean probability written: {args.prob_out}")
-        if args.png:
-            mask = np.zeros(volume.shape, dtype=np.uint8)
-            set_slice(mask, ref, inside)
-            write_png_montage(args.png, session, mask, ref.axis, [ref.index], geometry, overwrite=args.overwrite)
-            print(f"Overlay written: {args.png}")
+        mask = np.zeros(volume.shape, dtype=np.uint8)
+        set_slice(mask, ref, inside)
+        _write_png(args, session, mask, ref.axis, [ref.index], geometry)
     return 0
 
 
-COMMANDS.update({"everything": cmd_everything, "samaug": cmd_samaug, "uncertainty": cmd_uncertainty})
+# ------------------------------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="samsegment", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Segment 3D medical images (CT, MR; NIfTI, NRRD, MHA or a DICOM folder) with Segment-Anything "
+                    "models: prompt one slice with a box or points, then propagate through the neighbouring slices.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print more detail")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    parents = _parents()
+
+    def command(name: str, func: Callable[[argparse.Namespace], int], uses: str, summary: str,
+                description: str) -> argparse.ArgumentParser:
+        """A subcommand running ``func``, with the options of the parents named in ``uses``."""
+        p = sub.add_parser(name, help=summary, description=description, parents=[parents[u] for u in uses.split()])
+        p.set_defaults(func=func)
+        return p
+
+    command("segment", cmd_segment, "input axis prompts out_file overwrite mask model",
+            "segment one slice from a box and/or points",
+            "Segment one slice and write a 3D mask with only that slice set.")
+    p = command("propagate", cmd_propagate, "input axis prompts out_file overwrite mask propagation range model",
+                "segment one slice, then propagate through adjacent slices",
+                "Segment a slice from prompts (or take an existing mask's slices as accepted anchors with "
+                "--anchor-mask) and propagate slice by slice.")
+    p.add_argument("--anchor-mask", default=None,
+                   help="mask file whose non-empty slices along --axis are accepted anchors (instead of prompts)")
+    command("embed", cmd_embed, "input axis overwrite model",
+            "precompute a volume's slice embeddings into a cache folder",
+            "Encode every slice along --axis once and save the embeddings, so later segment/propagate runs "
+            "with --cache-dir answer in milliseconds per prompt.")
+    p = command("demo", cmd_demo, "out_dir overwrite model",
+                "segment a structure of the bundled sample CT and report Dice",
+                "One box on the structure's largest slice (taken from the reference label), propagation both "
+                "ways, mask + PNG montage written to --out, Dice printed.")
+    p.add_argument("--structure", default="spleen", help="spleen (default), liver, kidney_left, ... (see labels)")
+    command("models", cmd_models, "registry", "list the models, where their weights come from, and the devices",
+            "List the known models and whether their weights are available.")
+    p = command("everything", cmd_everything, "input axis range out_file overwrite everything model",
+                "automatic segmentation of every slice with a prompt grid (no prompts)",
+                "SAM's 'everything' mode: a grid of prompts per slice, masks filtered by predicted quality and "
+                "stability, duplicates removed; writes a label volume. Labels are linked across adjacent slices "
+                "by overlap unless --per-slice-labels.")
+    p.add_argument("--slice", type=int, default=None, help="only this slice (default: all)")
+    p.add_argument("--per-slice-labels", action="store_true",
+                   help="give every region of every slice its own label (default: link regions across slices)")
+    p.add_argument("--link-iou", type=float, default=0.5, help="overlap needed to continue a label on the next slice")
+    p = command("samaug", cmd_samaug, "axis out_dir everything model",
+                "SAMAug: write (intensity, segmentation prior, boundary prior) channels for every volume of a "
+                "folder, resumable",
+                "For each volume in INPUT_DIR, everything mode on every slice gives a segmentation prior (sum of "
+                "the masks' stability scores) and a boundary prior (outer mask boundaries). Writes CASE_0000 "
+                "(intensity), CASE_0001 (segmentation prior), CASE_0002 (boundary prior) with the input geometry, "
+                "then CASE.samaug.json. Cases with a marker are skipped, so an interrupted run resumes where it "
+                "stopped.")
+    p.add_argument("input_dir", help="folder of volumes (.nii.gz, .nii, .nrrd, .mha, .mhd)")
+    p.add_argument("--redo", action="store_true", help="recompute finished cases too")
+    command("uncertainty", cmd_uncertainty, "input axis prompts out_file overwrite mask uncertainty model",
+            "mean probability and uncertainty over jittered copies of a prompt",
+            "Decode N randomly jittered copies of the box/points (SAM-U style) and write the per-pixel "
+            "uncertainty (entropy of the mean probability, or variance of the N masks) and optionally the mean "
+            "probability, on the prompted slice.")
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     import warnings
 
-    warnings.filterwarnings("ignore", category=FutureWarning, module="timm")
     try:
-        return COMMANDS[args.command](args)
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+        warnings.filterwarnings("ignore", category=FutureWarning, module="timm")
+        return args.func(args)
     except SAMSegmentError as exc:
         print(f"error: {exc.problem}", file=sys.stderr)
         if exc.remedy:
             print(f"  what to do: {exc.remedy}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(str(exc) or "interrupted; nothing was written", file=sys.stderr)
         return 130
     except MemoryError:
         print("error: out of memory\n  what to do: lower --cache-mib, close other programs, or crop the image",

@@ -24,6 +24,16 @@ class ModelNotFoundError(SAMSegmentError):
     """An unknown model id was requested."""
 
 
+class RegistryError(SAMSegmentError):
+    """A model registry (``models.json`` or a user ``--registry`` file) is unreadable or has a bad
+    entry; ``entry`` and ``field`` name what to fix (empty when the whole file is at fault)."""
+
+    def __init__(self, problem: str, remedy: str = "", entry: str = "", field: str = "") -> None:
+        self.entry = entry
+        self.field = field
+        super().__init__(problem, remedy)
+
+
 class VolumeError(SAMSegmentError):
     """The image is not a usable 3D scalar volume (2D, 4D, empty, NaN/inf, ...)."""
 

@@ -13,12 +13,12 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
 from .errors import ImageIOError, VolumeError
-from .volume import validate_volume
+from .volume import SliceRef, get_slice, validate_volume
 
 log = logging.getLogger(__name__)
 
@@ -125,20 +125,27 @@ def _dicom_series(folder: Path, series_uid: str | None):
     else:
         chosen = max(files, key=lambda uid: len(files[uid]))
         if len(files) > 1:
-            log.warning("%s holds %d DICOM series; using %s (%d files). Choose another with series_uid.",
-                        folder, len(files), chosen, len(files[chosen]))
+            others = ", ".join(f"{uid} ({len(files[uid])} files)" for uid in files if uid != chosen)
+            log.warning("%s holds %d DICOM series; using %s (%d files). Choose another with --series-uid "
+                        "(series_uid=...): %s", folder, len(files), chosen, len(files[chosen]), others)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files[chosen])
     return reader.Execute()
 
 
 def read_image(path: str | Path, series_uid: str | None = None):
-    """A SimpleITK image from a file or a DICOM folder, with errors that say what is wrong."""
+    """A SimpleITK image from a file or a DICOM folder, with errors that say what is wrong.
+
+    ``series_uid`` chooses one series of a DICOM folder (default: the one with the most files).
+    """
     import SimpleITK as sitk
 
     path = Path(path).expanduser()
     if not path.exists():
         raise ImageIOError(f"Image {path} does not exist", "check the path (and the current directory)")
+    if series_uid is not None and not path.is_dir():
+        raise ImageIOError(f"A series UID ({series_uid}) chooses a series of a DICOM folder, but {path} is a file",
+                           "give the DICOM folder, or drop --series-uid (series_uid)")
     try:
         if path.is_dir():
             return _dicom_series(path, series_uid)
@@ -296,3 +303,38 @@ def save_montage_png(path: str | Path, tiles: Sequence[np.ndarray], ncols: int =
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(canvas).save(path)
     return path
+
+
+def write_png_montage(path: str | Path, slice_image: Callable[[SliceRef], np.ndarray], mask_kji: np.ndarray,
+                      axis: int, indices: Sequence[int], geometry: ImageGeometry, overwrite: bool = False,
+                      max_tiles: int = 16) -> Path:
+    """A PNG of up to ``max_tiles`` of the slices ``indices`` along ``axis``, mask outlined in red.
+
+    Args:
+        path: PNG file to write; refused if it exists unless ``overwrite``.
+        slice_image: the uint8 (windowed) picture of a slice, e.g. ``SegmentationSession.slice_image``.
+        mask_kji: (K, J, I) mask; non-zero voxels are drawn.
+        axis, indices: the slices to draw (evenly thinned out to ``max_tiles``).
+        geometry: the image's geometry, for radiological orientation and square pixels.
+
+    Returns:
+        The path written.
+    """
+    if Path(path).exists() and not overwrite:
+        raise ImageIOError(f"{path} exists", "pass --overwrite or choose another name")
+    indices = list(indices)
+    if len(indices) > max_tiles:
+        picks = np.linspace(0, len(indices) - 1, max_tiles).round().astype(int)
+        indices = [indices[i] for i in sorted(set(picks.tolist()))]
+    spacing = geometry.array_spacing()  # (K, J, I) spacing
+    in_plane = [a for a in (0, 1, 2) if a != axis]
+    view, transposed = geometry.radiological_view(axis)
+    pixel_spacing = (spacing[in_plane[0]], spacing[in_plane[1]])
+    if transposed:
+        pixel_spacing = pixel_spacing[::-1]
+    tiles = []
+    for index in indices:
+        ref = SliceRef(axis, index)
+        tiles.append(overlay_tile(view(slice_image(ref)), [(view(get_slice(mask_kji, ref) > 0), (255, 64, 64))],
+                                  pixel_spacing=pixel_spacing, label=f"{'kji'[axis]}={index}"))
+    return save_montage_png(path, tiles, ncols=min(4, len(tiles)))

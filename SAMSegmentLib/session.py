@@ -293,7 +293,7 @@ class SegmentationSession:
                 emb = self._embedding_now(ref)
             geom = self.geometry(ref)
             single_point = prompts.box is None and len(prompts.points) == 1
-            multimask = single_point and mask_input is None and self.backend.spec.architecture != "litemedsam"
+            multimask = single_point and mask_input is None and self.backend.spec.multimask_output
             out = self.backend.decode(emb, geom, prompts.points if len(prompts.points) else None, prompts.labels,
                                       prompts.box, mask_input, multimask, features_key=self._key(ref))
             mask = out.logits > 0.0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -131,9 +133,151 @@ def test_models_lists_bundled_and_user_models(capsys):
     assert "boxes widened by 10% of their side" in out
 
 
-def test_demo_prints_dice_and_writes_files(tmp_path, capsys):
+def test_demo_returns_its_results_and_the_cli_prints_them(tmp_path, capsys, monkeypatch):
+    """The library's run_demo prints nothing and does not need the CLI (the PNG montage is in io);
+    the command prints the Dice from what it returns."""
+    import sys
+
+    from SAMSegmentLib import demo
+
+    seen = {}
+    run = demo.run_demo
+
+    def spy(*args, **kwargs):
+        seen["summary"] = run(*args, **kwargs)
+        seen["printed"] = capsys.readouterr().out
+        return seen["summary"]
+
+    monkeypatch.setattr(demo, "run_demo", spy)
+    monkeypatch.setitem(sys.modules, "SAMSegmentLib.cli", None)  # importing the CLI from here fails
     assert main(["demo", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
+    assert seen["printed"] == ""
     dice = float(out.strip().splitlines()[-1].split("Dice:")[1])
-    assert dice >= 0.95
+    assert dice == seen["summary"]["dice"] >= 0.95
+    assert f"on slice {seen['summary']['anchor_slice']}" in out
     assert (tmp_path / "spleen_mask.nii.gz").exists() and (tmp_path / "spleen_overlay.png").exists()
+
+
+def _registry_file(tmp_path, **changes):
+    import json
+
+    from SAMSegmentLib.model_registry import load_registry
+
+    entry = {k: v for k, v in vars(load_registry()["litemedsam"]).items()}
+    entry.update({"id": "my_lite", "name": "My LiteMedSAM"}, **changes)
+    path = tmp_path / "models.json"
+    path.write_text(json.dumps({"format": 1, "models": [entry]}), encoding="utf-8")
+    return path
+
+
+def test_registry_file_adds_a_model(tmp_path, capsys):
+    from SAMSegmentLib import cli
+
+    path = _registry_file(tmp_path)
+    assert main(["models", "--registry", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"my_lite (from {path})" in out and "litemedsam (default)\n" in out
+    args = cli.build_parser().parse_args(["segment", IMAGE, "--out", str(tmp_path / "m.nii.gz"),
+                                          "--registry", str(path), "--model", "my_lite", "--runtime", "eager"])
+    with cli._session(args) as session:
+        assert session.model_id == "my_lite" and session.backend.spec.name == "My LiteMedSAM"
+    # without the file the model is unknown: exit 2 with the remedy
+    assert main(["segment", IMAGE, "--slice", "1", "--box", "1", "1", "9", "9", "--out", str(tmp_path / "x.nii.gz"),
+                 "--model", "my_lite"]) == 2
+    assert "Unknown model 'my_lite'" in capsys.readouterr().err
+
+
+def test_bad_registry_file_exits_2_naming_entry_and_field(tmp_path, capsys):
+    path = _registry_file(tmp_path, interpolation="cubic")
+    assert main(["models", "--registry", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "entry 'my_lite', field 'interpolation'" in err and "what to do: use one of: area, bilinear" in err
+    path = _registry_file(tmp_path, id="litemedsam")
+    assert main(["segment", IMAGE, "--slice", "1", "--box", "1", "1", "9", "9", "--out", str(tmp_path / "x.nii.gz"),
+                 "--registry", str(path)]) == 2
+    assert "already a packaged model" in capsys.readouterr().err and not (tmp_path / "x.nii.gz").exists()
+
+
+def test_choices_and_presets_come_from_the_engine(monkeypatch):
+    from SAMSegmentLib import cli, preprocessing, runtimes
+
+    monkeypatch.setattr(runtimes, "RUNTIMES", runtimes.RUNTIMES + ("tensorrt",))
+    monkeypatch.setitem(preprocessing.CT_PRESETS, "pelvis", (40.0, 400.0))
+    parser = cli.build_parser()
+    assert parser.parse_args(["embed", "ct.nii.gz", "--runtime", "tensorrt"]).runtime == "tensorrt"
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert "pelvis" in " ".join(sub.choices["segment"].format_help().split())
+    # one dispatch table: every command knows its function
+    assert {name: p.get_default("func").__name__ for name, p in sub.choices.items()} == {
+        name: f"cmd_{name}" for name in sub.choices}
+
+
+def test_series_uid_chooses_the_dicom_series(tmp_path, capsys):
+    from test_io import make_dicom_series, oblique_image
+
+    from SAMSegmentLib import cli
+
+    folder = tmp_path / "dcm"
+    make_dicom_series(folder, oblique_image(shape_kji=(5, 16, 18)), "1.2.826.0.1.3680043.2.1125.1.1111")
+    make_dicom_series(folder, oblique_image(shape_kji=(3, 16, 18)), "1.2.826.0.1.3680043.2.1125.1.2222")
+    parser = cli.build_parser()
+    base = ["propagate", str(folder), "--out", str(tmp_path / "m.nii.gz")]
+    assert cli._read(parser.parse_args(base))[0].shape == (5, 16, 18)  # the larger series by default
+    chosen = parser.parse_args(base + ["--series-uid", "1.2.826.0.1.3680043.2.1125.1.2222"])
+    assert cli._read(chosen)[0].shape == (3, 16, 18)
+    # a wrong UID, or a UID for a plain file, is refused before the model loads
+    assert main(["segment", str(folder), "--series-uid", "9.9", "--slice", "1", "--box", "1", "1", "9", "9",
+                 "--out", str(tmp_path / "x.nii.gz")]) == 2
+    assert "is not in" in capsys.readouterr().err
+    assert main(["embed", IMAGE, "--series-uid", "9.9", "--cache-dir", str(tmp_path / "c")]) == 2
+    assert "DICOM folder" in capsys.readouterr().err
+
+
+class _FakeSession:
+    """Stands in for the model session of a command, to interrupt it without loading a model."""
+
+    def __init__(self, interrupt):
+        self.interrupt = interrupt
+        self.cancel = None
+        self.model_id = "fake"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def set_volume(self, *args, **kwargs):
+        return None
+
+    def encode_slices(self, refs, progress=None, cancel=None):
+        self.cancel = cancel
+        progress(1, len(refs), "slice 0")
+        raise self.interrupt
+
+
+def test_ctrl_c_cancels_the_engine_and_exits_130(tmp_path, capsys, monkeypatch):
+    """embed and samaug go through the same progress/Ctrl-C helper: the engine's cancel token is
+    set, the command exits 130 with the message for what was kept."""
+    from SAMSegmentLib import cli, samaug
+
+    fake = _FakeSession(KeyboardInterrupt())
+    monkeypatch.setattr(cli, "_session", lambda args: fake)
+    assert main(["embed", IMAGE, "--cache-dir", str(tmp_path / "cache")]) == 130
+    assert fake.cancel is not None and fake.cancel.cancelled
+    assert "interrupted; nothing was written" in capsys.readouterr().err
+
+    seen = {}
+
+    def batch(inputs, out, session, axis, params, progress=None, slice_progress=None, cancel=None, **kwargs):
+        seen["cancel"] = cancel
+        slice_progress(1, 3, "slice 0")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(samaug, "samaug_batch", batch)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.nii.gz").write_bytes(open(IMAGE, "rb").read())
+    assert main(["samaug", str(tmp_path / "in"), "--out", str(tmp_path / "out")]) == 130
+    assert seen["cancel"].cancelled
+    assert "finished cases are kept, run the same command again to resume" in capsys.readouterr().err

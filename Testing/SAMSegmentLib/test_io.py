@@ -181,3 +181,25 @@ def test_montage_png(tmp_path):
     from PIL import Image
 
     assert Image.open(path).size == (2 * tile.shape[1], 2 * tile.shape[0])
+
+
+def test_png_montage_of_a_mask(tmp_path):
+    """The montage renderer of the CLI and the demo lives here: one tile per slice (thinned out
+    to max_tiles), existing files refused unless overwrite, a series UID refused for a file."""
+    from PIL import Image
+
+    from SAMSegmentLib.volume import get_slice
+
+    vol = np.zeros((20, 12, 16), np.uint8)
+    mask = np.zeros_like(vol)
+    mask[:, 4:8, 5:9] = 1
+    geom = sio.ImageGeometry.identity(vol.shape)
+    path = sio.write_png_montage(tmp_path / "m.png", lambda ref: get_slice(vol, ref), mask, 0, list(range(20)), geom,
+                                 max_tiles=8)
+    tile = sio.overlay_tile(vol[0], [(mask[0] > 0, (255, 64, 64))], label="k=0")
+    assert Image.open(path).size == (4 * tile.shape[1], 2 * tile.shape[0])  # 8 tiles, 4 per row
+    with pytest.raises(ImageIOError, match="exists"):
+        sio.write_png_montage(path, lambda ref: get_slice(vol, ref), mask, 0, [0], geom)
+    sitk.WriteImage(sitk.GetImageFromArray(vol), str(tmp_path / "v.nrrd"))
+    with pytest.raises(ImageIOError, match="DICOM folder"):
+        sio.read_volume(tmp_path / "v.nrrd", series_uid="1.2.3")
