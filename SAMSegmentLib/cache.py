@@ -29,6 +29,8 @@ class CacheMismatchError(SAMSegmentError):
 
 @dataclass(frozen=True)
 class CacheKey:
+    """Names one slice's embedding: the volume's content, the slice, the model and the preprocessing."""
+
     volume_signature: str
     axis: int
     index: int
@@ -36,11 +38,18 @@ class CacheKey:
     preprocessing: str
 
     def filename(self) -> str:
+        """The embedding's file name in a disk tier (which holds one volume, model and preprocessing).
+
+        Returns:
+            ``axis<axis>_<index>.pt``, the index zero-padded to 5 digits.
+        """
         return f"axis{self.axis}_{self.index:05d}.pt"
 
 
 @dataclass
 class CacheStats:
+    """Counters of an ``EmbeddingCache`` (hits and misses count ``get`` calls)."""
+
     hits: int = 0
     misses: int = 0
     evictions: int = 0
@@ -49,9 +58,6 @@ class CacheStats:
     entries: int = 0
     bytes: int = 0
     budget_bytes: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return dict(self.__dict__)
 
 
 def _nbytes(tensor: Any) -> int:
@@ -86,15 +92,33 @@ class EmbeddingCache:
 
     @property
     def bytes_used(self) -> int:
+        """Bytes held in memory (the disk tier is not counted)."""
         return self._bytes
 
     def cached_indices(self, volume_signature: str, axis: int) -> list[int]:
+        """The slice indices held in memory for one volume and axis.
+
+        Args:
+            volume_signature: the volume's ``volume_signature``.
+            axis: the slice axis.
+
+        Returns:
+            The indices, sorted (any model or preprocessing).
+        """
         with self._lock:
             return sorted(k.index for k in self._entries if k.volume_signature == volume_signature and k.axis == axis)
 
     # ------------------------------------------------------------------ get / put
     def get(self, key: CacheKey):
-        """The embedding as float32 on CPU, or None; a hit refreshes the entry's LRU position."""
+        """The embedding stored under ``key``, from memory or else the disk tier.
+
+        Args:
+            key: the slice's key.
+
+        Returns:
+            The embedding as a float32 CPU tensor, or None. A hit refreshes the entry's LRU
+            position; a disk hit is loaded into memory.
+        """
         with self._lock:
             tensor = self._entries.get(key)
             if tensor is not None:
@@ -113,6 +137,16 @@ class EmbeddingCache:
         return None
 
     def put(self, key: CacheKey, embedding: Any) -> None:
+        """Store ``embedding`` under ``key`` (as ``store_dtype`` on CPU), evicting the least recently used.
+
+        Args:
+            key: the slice's key.
+            embedding: a torch tensor; also written to the disk tier if there is one and it is
+                bound to the key's volume, model and preprocessing.
+
+        Raises:
+            MemoryBudgetError: the budget cannot hold even this one embedding.
+        """
         import torch
 
         stored = embedding.detach().to("cpu", getattr(torch, self.store_dtype)).contiguous()
@@ -142,6 +176,7 @@ class EmbeddingCache:
             self.stats.bytes = self._bytes
 
     def clear(self) -> None:
+        """Drop every embedding held in memory (the disk tier keeps its files)."""
         with self._lock:
             self._entries.clear()
             self._bytes = 0
@@ -157,9 +192,26 @@ class DiskTier:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser()
         self._identity: dict[str, Any] | None = None
+        # bind (the caller's thread) vs save (the worker): a save checked against the old
+        # identity never lands in a folder that bind has meanwhile handed to another volume
+        self._lock = threading.Lock()
 
     def bind(self, volume_signature: str, model_id: str, preprocessing: str, overwrite: bool = False) -> None:
-        """Attach to the volume about to be used; refuse a folder that belongs to something else."""
+        """Attach to the volume about to be used; refuse a folder that belongs to something else.
+
+        Args:
+            volume_signature, model_id, preprocessing: what every embedding in the folder must
+                belong to (``CacheKey``'s fields).
+            overwrite: empty a folder built for something else instead of refusing it.
+
+        Raises:
+            CacheMismatchError: the folder belongs to another volume, model or preprocessing (and
+                not ``overwrite``), its manifest is corrupt, or it holds other files.
+        """
+        with self._lock:
+            self._bind(volume_signature, model_id, preprocessing, overwrite)
+
+    def _bind(self, volume_signature: str, model_id: str, preprocessing: str, overwrite: bool) -> None:
         identity = {"format": DISK_FORMAT, "volume_signature": volume_signature, "model_id": model_id,
                     "preprocessing": preprocessing}
         manifest = self.root / self.MANIFEST
@@ -185,20 +237,39 @@ class DiskTier:
         _atomic_write_text(manifest, json.dumps(identity, indent=1))
         self._identity = identity
 
-    def _check_bound(self, key: CacheKey) -> bool:
+    def _holds(self, key: CacheKey) -> bool:
+        """Whether the folder is bound to ``key``'s volume, model and preprocessing (False when unbound)."""
         ident = self._identity
-        if ident is None:
-            raise SAMSegmentError("The disk cache is not bound to a volume", "call bind() (set_volume does this)")
-        return (ident["volume_signature"], ident["model_id"], ident["preprocessing"]) == (
+        return ident is not None and (ident["volume_signature"], ident["model_id"], ident["preprocessing"]) == (
             key.volume_signature, key.model_id, key.preprocessing)
 
     def has(self, key: CacheKey) -> bool:
-        return self._identity is not None and self._check_bound(key) and (self.root / key.filename()).exists()
+        """Whether the folder holds the embedding of ``key``.
+
+        Args:
+            key: the slice's key.
+
+        Returns:
+            True when the folder is bound to the key's volume, model and preprocessing and has its file.
+        """
+        return self._holds(key) and (self.root / key.filename()).exists()
 
     def load(self, key: CacheKey):
+        """The stored embedding of ``key``.
+
+        Args:
+            key: the slice's key.
+
+        Returns:
+            The tensor as stored (fp16), or None when the folder is not bound to the key's volume,
+            model and preprocessing or has no file for it.
+
+        Raises:
+            CacheMismatchError: the file is unreadable or carries another key.
+        """
         import torch
 
-        if self._identity is None or not self._check_bound(key):
+        if not self._holds(key):
             return None
         path = self.root / key.filename()
         if not path.exists():
@@ -217,16 +288,24 @@ class DiskTier:
         return record["embedding"]
 
     def save(self, key: CacheKey, tensor: Any) -> None:
+        """Write ``tensor`` as the embedding of ``key`` (atomically), if the folder is bound to the
+        key's volume, model and preprocessing; otherwise do nothing.
+
+        Args:
+            key: the slice's key.
+            tensor: the embedding as it is to be stored.
+        """
         import torch
 
-        if self._identity is None or not self._check_bound(key):
-            return
         meta = {"volume_signature": key.volume_signature, "model_id": key.model_id,
                 "preprocessing": key.preprocessing, "axis": key.axis, "index": key.index}
         path = self.root / key.filename()
         tmp = path.with_name(path.name + f".tmp{os.getpid()}_{threading.get_ident()}")
-        torch.save({"meta": meta, "embedding": tensor}, str(tmp))
-        os.replace(tmp, path)
+        with self._lock:
+            if not self._holds(key):
+                return
+            torch.save({"meta": meta, "embedding": tensor}, str(tmp))
+            os.replace(tmp, path)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

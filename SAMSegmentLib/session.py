@@ -10,12 +10,19 @@ decode of an already-cached slice runs on a second thread, the decode lane. A ru
 call cannot be interrupted, so with one thread a click arriving during a look-ahead encode waited
 for the rest of it (up to a second); on the decode lane it waits for at most the decode in front
 of it, and propagation can decode slice n while the worker encodes slice n+1.
+
+Threads and volume state: everything ``set_volume`` decides (the volume, its windowed copy, the
+window, the volume signature and the preprocessing key) is one immutable ``VolumeState``,
+replaced as a whole by reference. Each encode or decode job takes the state once when it starts
+and reads its cache key, slice image and geometry from that one object, so a volume swapped in
+while a job runs can never pair one volume's embedding with the other's key or geometry.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,14 +31,14 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .backends import LOW_RES_SIZE, SamBackend
+from .backends import SamBackend
 from .cache import DEFAULT_BUDGET_BYTES, CacheKey, EmbeddingCache
 from .errors import PromptError, SAMSegmentError, VolumeError
 from .model_registry import default_model_id
 from .preprocessing import (IntensityWindow, SliceGeometry, auto_window, clip_box, validate_prompt_geometry,
                             widen_box)
 from .prompts import Prompts
-from .volume import SliceRef, check_slice_ref, get_slice, validate_volume, volume_signature
+from .volume import SliceRef, check_slice_ref, get_slice, slice_shape, validate_volume, volume_signature
 from .worker import (PRIORITY_INTERACTIVE, PRIORITY_PREFETCH, PRIORITY_PROPAGATION, CancelToken, InferenceWorker,
                      ProgressCallback)
 
@@ -51,26 +58,116 @@ class Prediction:
 
     @property
     def area(self) -> int:
+        """The number of mask pixels."""
         return int(np.count_nonzero(self.mask))
 
 
+@dataclass(frozen=True, eq=False)
+class VolumeState:
+    """What ``set_volume`` decided, as one immutable snapshot (see the module docstring).
+
+    A job reads its cache key, slice image and slice size from one of these, never from the
+    session, so all three describe the same volume. ``windowed`` is read-only; ``volume`` is the
+    caller's array as given (not copied).
+    """
+
+    volume: np.ndarray  # (K, J, I), as passed to set_volume
+    windowed: np.ndarray  # uint8 (K, J, I): the volume through ``window``, what the model sees
+    window: IntensityWindow
+    signature: str  # volume_signature(volume)
+    prep_key: str  # the model's preprocessing key plus the window: part of every cache key
+    model_id: str
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The (K, J, I) shape of the volume."""
+        return tuple(self.volume.shape)  # type: ignore[return-value]
+
+    def key(self, ref: SliceRef) -> CacheKey:
+        """The cache key of the embedding of slice ``ref`` of this volume.
+
+        Args:
+            ref: a slice of this volume.
+
+        Returns:
+            The key naming this volume's content, the slice, the model and the preprocessing.
+        """
+        return CacheKey(self.signature, ref.axis, ref.index, self.model_id, self.prep_key)
+
+    def slice_image(self, ref: SliceRef) -> np.ndarray:
+        """The windowed uint8 (H, W) image of slice ``ref``, as the model sees it before resizing.
+
+        Args:
+            ref: a slice of this volume (refused with ``VolumeError`` if outside it).
+
+        Returns:
+            A new (H, W) uint8 array.
+        """
+        return get_slice(self.windowed, ref)
+
+    def slice_size(self, ref: SliceRef) -> tuple[int, int]:
+        """The (H, W) size of slice ``ref``, without reading it.
+
+        Args:
+            ref: a slice of this volume (refused with ``VolumeError`` if outside it).
+
+        Returns:
+            (rows, columns) of the slice image.
+        """
+        check_slice_ref(self.windowed.shape, ref)
+        return slice_shape(self.windowed.shape, ref.axis)
+
+    def is_constant(self, ref: SliceRef) -> bool:
+        """Whether every pixel of the windowed slice ``ref`` has the same value.
+
+        Args:
+            ref: a slice of this volume.
+
+        Returns:
+            True when the slice has nothing to segment after windowing.
+        """
+        image = self.slice_image(ref)
+        return int(image.min()) == int(image.max())
+
+
 def _close_workers(*workers: InferenceWorker) -> None:
+    """Close ``workers`` without waiting (the session's finalizer: runs on close, GC or exit)."""
     for worker in workers:
         worker.close()
 
 
 class SegmentationSession:
-    """Segment slices of one volume with one model; thread-safe for one GUI + the internal worker."""
+    """Segment slices of one volume with one model.
+
+    Thread-safe for any number of caller threads (a GUI, a request thread, a propagation job)
+    plus the session's own two threads: the volume lives in one ``VolumeState`` swapped whole,
+    and the prompt history and the prefetch generation are guarded by one lock.
+    """
 
     def __init__(self, model: str | SamBackend | None = None, checkpoint: str | Path | None = None,
                  device: str | None = None, cache_bytes: int = DEFAULT_BUDGET_BYTES,
                  cache_dir: str | Path | None = None, refine_with_logits: bool = True,
                  fill_holes: bool = False, largest_component: bool = False, runtime: str | None = None,
                  box_margin: float | None = None) -> None:
-        """``runtime``: "auto" (default, or ``$SAMSEGMENT_RUNTIME``), "eager" or "onnx" for a backend
-        built here from ``model``; ignored when ``model`` is an already-built ``SamBackend``.
-        ``box_margin``: fraction of a user box's side added around it in ``predict`` (None: the
-        model's own, see models.json; 0: decode boxes exactly as drawn)."""
+        """Build (or adopt) the backend and start the session's two threads; no volume yet.
+
+        Args:
+            model: a registry model id (None: the registry's default) or an already built
+                ``SamBackend`` (then ``checkpoint``, ``device`` and ``runtime`` are ignored).
+            checkpoint: a user checkpoint instead of the registry's weights.
+            device: "cpu", "cuda", "cuda:N", "mps" or None (the best available).
+            cache_bytes: the in-memory embedding budget.
+            cache_dir: a folder for the disk tier of the embedding cache (None: memory only).
+            refine_with_logits: ``predict`` feeds the previous mask's logits back on a corrective click.
+            fill_holes, largest_component: post-processing of every decoded mask.
+            runtime: "auto" (default, or ``$SAMSEGMENT_RUNTIME``), "eager" or "onnx".
+            box_margin: fraction of a user box's side added around it in ``predict`` (None: the
+                model's own, see models.json; 0: decode boxes exactly as drawn).
+
+        Raises:
+            SAMSegmentError: ``box_margin`` is not a fraction between 0 and 1 (and the backend's
+                own errors when it is built here).
+        """
         if isinstance(model, SamBackend):
             self.backend = model
         else:
@@ -90,13 +187,10 @@ class SegmentationSession:
         self.fill_holes = fill_holes
         self.largest_component = largest_component
         self._lock = threading.RLock()
-        self._volume: np.ndarray | None = None
-        self._windowed: np.ndarray | None = None
-        self.window: IntensityWindow | None = None
-        self.signature = ""
-        self._prep_key = ""
-        self._history: dict[SliceRef, list[Prediction]] = {}
+        self._state: VolumeState | None = None  # replaced whole by set_volume, never modified
+        self._history: dict[SliceRef, list[Prediction]] = {}  # of the current state's volume
         self._prefetch_generation = 0
+        self._closed = False
         self.encode_count = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -107,26 +201,104 @@ class SegmentationSession:
         self.close()
 
     def close(self) -> None:
-        self._prefetch_generation += 1
+        """Stop the session's threads and return at once, never waiting behind a running encode.
+
+        Queued encodes and decodes that have not started are cancelled; the worker and the decode
+        lane each end after the call they are in (``join`` waits for that). Later calls that need
+        a thread raise ``RuntimeError``. Closing twice is harmless; at interpreter exit the
+        running call is waited for, so a script may close (or forget to close) and just exit.
+        """
+        with self._lock:
+            self._closed = True
+            self._prefetch_generation += 1
         self._finalizer()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until the threads of a closed session have finished their current calls.
+
+        Args:
+            timeout: seconds to wait at most, for both threads together (None: no limit).
+
+        Returns:
+            True when both threads have ended; False on timeout (or if the session is open).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for worker in (self.worker, self.decoder_lane):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not worker.join(left):
+                return False
+        return True
 
     @property
     def model_id(self) -> str:
+        """The backend's model id (part of every cache key)."""
         return self.backend.model_id
 
     @property
-    def volume(self) -> np.ndarray:
-        if self._volume is None:
+    def state(self) -> VolumeState:
+        """The current volume snapshot (see ``VolumeState``); a later ``set_volume`` replaces it.
+
+        Raises:
+            SAMSegmentError: no volume is loaded.
+        """
+        state = self._state
+        if state is None:
             raise SAMSegmentError("No volume is loaded in the session", "call set_volume(array) first")
-        return self._volume
+        return state
+
+    @property
+    def has_volume(self) -> bool:
+        """Whether ``set_volume`` has loaded a volume."""
+        return self._state is not None
+
+    @property
+    def _volume(self) -> np.ndarray | None:
+        # read by SAMSegmentSlicer (logic.py and its tests) before ``has_volume`` existed
+        state = self._state
+        return None if state is None else state.volume
+
+    @property
+    def volume(self) -> np.ndarray:
+        """The current (K, J, I) volume, as passed to ``set_volume``."""
+        return self.state.volume
+
+    @property
+    def window(self) -> IntensityWindow | None:
+        """The current intensity window (None before ``set_volume``)."""
+        state = self._state
+        return None if state is None else state.window
+
+    @property
+    def signature(self) -> str:
+        """The current volume's content signature ("" before ``set_volume``)."""
+        state = self._state
+        return "" if state is None else state.signature
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.volume.shape)  # type: ignore[return-value]
+        """The (K, J, I) shape of the current volume."""
+        return self.state.shape
 
     def set_volume(self, volume: np.ndarray, window: IntensityWindow | str | tuple[float, float] | None = None,
                    modality: str = "auto", overwrite_disk_cache: bool = False) -> IntensityWindow:
-        """Load a (K, J, I) volume; ``window`` is an IntensityWindow, a CT preset name, (low, high) or auto."""
+        """Load a volume: from here on every call works on it (calls already running finish on the old one).
+
+        Args:
+            volume: (K, J, I) scalar array (kept by reference, not copied; do not modify it while
+                the session uses it).
+            window: an ``IntensityWindow``, a CT preset name, (low, high), or None/"auto" for one
+                chosen from the image and ``modality``.
+            modality: "auto", "ct" or "mr", for an automatic window.
+            overwrite_disk_cache: let a disk cache folder built for another volume, model or window
+                be emptied and reused instead of refused.
+
+        Returns:
+            The window in use.
+
+        Raises:
+            VolumeError: the array is not a usable volume, or nothing is visible through the window.
+            CacheMismatchError: the disk cache folder belongs to something else (and no overwrite).
+        """
         arr = validate_volume(volume)
         if isinstance(window, IntensityWindow):
             win = window
@@ -146,124 +318,201 @@ class SegmentationSession:
                               "same value; nothing is visible to segment",
                               "choose a window that covers the image's intensities (e.g. --window auto or --modality mr)")
         prep_key = f"{self.backend.spec.preprocessing_key()}|window={win.key()}"
+        windowed.flags.writeable = False  # shared by every job holding this state
+        state = VolumeState(arr, windowed, win, signature, prep_key, self.model_id)
         if self.cache.disk is not None:
             self.cache.disk.bind(signature, self.model_id, prep_key, overwrite=overwrite_disk_cache)
         with self._lock:
             self._prefetch_generation += 1
-            self._volume, self._windowed, self.window = arr, windowed, win
-            self.signature, self._prep_key = signature, prep_key
+            self._state = state
             self._history.clear()
         log.info("volume %s, window [%g, %g] (%s)", arr.shape, win.low, win.high, win.source)
         return win
 
     # ------------------------------------------------------------------ slices and embeddings
     def slice_image(self, ref: SliceRef) -> np.ndarray:
-        """The windowed uint8 image of a slice, as the model sees it before resizing."""
-        if self._windowed is None:
-            raise SAMSegmentError("No volume is loaded in the session", "call set_volume(array) first")
-        return get_slice(self._windowed, ref)
+        """The windowed uint8 image of a slice of the current volume, as the model sees it before resizing.
 
-    def geometry(self, ref: SliceRef) -> SliceGeometry:
-        h, w = self.slice_image(ref).shape
-        return self.backend.geometry(h, w)
+        Args:
+            ref: the slice (refused with ``VolumeError`` if outside the volume).
 
-    def _key(self, ref: SliceRef) -> CacheKey:
-        return CacheKey(self.signature, ref.axis, ref.index, self.model_id, self._prep_key)
+        Returns:
+            A new (H, W) uint8 array.
+        """
+        return self.state.slice_image(ref)
+
+    def geometry(self, ref: SliceRef, state: VolumeState | None = None) -> SliceGeometry:
+        """The mapping between slice ``ref`` and the model's input frame.
+
+        Args:
+            ref: the slice.
+            state: the volume snapshot to read (default: the current one); a job that also takes
+                an embedding passes the same ``session.state`` to both.
+
+        Returns:
+            The backend's ``SliceGeometry`` for the slice's (H, W).
+        """
+        return self._geometry(self.state if state is None else state, ref)
+
+    def _geometry(self, state: VolumeState, ref: SliceRef) -> SliceGeometry:
+        return self.backend.geometry(*state.slice_size(ref))
 
     def is_cached(self, ref: SliceRef) -> bool:
-        return self._key(ref) in self.cache
+        """Whether the embedding of slice ``ref`` of the current volume is cached (memory or disk).
+
+        Args:
+            ref: the slice.
+
+        Returns:
+            True when a prompt on it needs no encode; False also when no volume is loaded.
+        """
+        state = self._state
+        return state is not None and state.key(ref) in self.cache
 
     def is_constant(self, ref: SliceRef) -> bool:
-        image = self.slice_image(ref)
-        return int(image.min()) == int(image.max())
+        """Whether slice ``ref`` of the current volume is one value after windowing (nothing to segment).
 
-    def _embedding_now(self, ref: SliceRef):
-        """Embedding of ``ref``; must run on the worker thread."""
-        key = self._key(ref)
+        Args:
+            ref: the slice.
+
+        Returns:
+            True when every pixel of the windowed slice is equal.
+        """
+        return self.state.is_constant(ref)
+
+    def _embedding_now(self, ref: SliceRef, state: VolumeState, lookahead: bool = False):
+        """Embedding of slice ``ref`` of ``state``'s volume, encoded and cached on a miss; on the worker thread.
+
+        A ``lookahead`` job (prefetch, ``encode_async``) of a session closed since it was taken
+        returns None instead of starting an encoder call nobody will use.
+        """
+        key = state.key(ref)
         emb = self.cache.get(key)
         if emb is None:
-            image = self.slice_image(ref)
-            emb = self.backend.encode(image)
+            if lookahead and self._closed:
+                return None
+            emb = self.backend.encode(state.slice_image(ref))
             self.encode_count += 1
             self.cache.put(key, emb)
         return emb
 
-    def embedding(self, ref: SliceRef, priority: int = PRIORITY_INTERACTIVE):
-        check_slice_ref(self.shape, ref)
-        return self.worker.call(lambda: self._embedding_now(ref), priority)
+    def _embedding(self, ref: SliceRef, state: VolumeState, priority: int):
+        check_slice_ref(state.shape, ref)
+        return self.worker.call(lambda: self._embedding_now(ref, state), priority)
+
+    def embedding(self, ref: SliceRef, priority: int = PRIORITY_INTERACTIVE, state: VolumeState | None = None):
+        """The image embedding of slice ``ref``, encoding (and caching) it on the worker if needed.
+
+        Args:
+            ref: the slice.
+            priority: the worker queue priority of the encode (``PRIORITY_*``); on the worker
+                thread itself the call runs inline.
+            state: the volume snapshot to encode from (default: the current one); a job that
+                also reads the slice image or geometry takes ``session.state`` once and passes it.
+
+        Returns:
+            The float32 embedding tensor, as the backend's ``encode`` returns it.
+        """
+        return self._embedding(ref, self.state if state is None else state, priority)
 
     def encode_async(self, ref: SliceRef, priority: int = PRIORITY_PROPAGATION) -> Future:
         """Queue the encode of ``ref`` on the worker and return at once (propagation's look-ahead).
 
-        The future resolves to True when an encode was needed, False when the slice was already
-        cached; cancelling it before it starts drops the encode. Unlike ``prefetch`` it does not
-        supersede other queued look-ahead, so several propagation fronts can each keep one slice
-        ahead.
+        Unlike ``prefetch`` it does not supersede other queued look-ahead, so several propagation
+        fronts can each keep one slice ahead.
+
+        Args:
+            ref: a slice of the current volume.
+            priority: the worker queue priority (``PRIORITY_*``).
+
+        Returns:
+            A future resolving to True when an encode was needed, False when the slice was already
+            cached, is constant, or the volume was replaced (or the session closed) before the
+            encode started (it then encodes nothing). Cancelling it before it starts drops the encode.
         """
-        check_slice_ref(self.shape, ref)
-        key = self._key(ref)
+        state = self.state
+        check_slice_ref(state.shape, ref)
+        key = state.key(ref)
         if key in self.cache:
             done: Future = Future()
             done.set_result(False)
             return done
 
         def run() -> bool:
-            if key in self.cache or self.is_constant(ref):
+            if self._state is not state or key in self.cache or state.is_constant(ref):
                 return False
-            self._embedding_now(ref)
-            return True
+            return self._embedding_now(ref, state, lookahead=True) is not None
 
         return self.worker.submit(run, priority)
 
     def prefetch(self, around: SliceRef, radius: int = 2, direction: int = 0) -> int:
         """Queue background encodes of the neighbours of ``around``, nearest first.
 
-        ``direction`` +1/-1 puts the slices the user scrolls or propagates towards first. A newer
-        prefetch request supersedes older queued ones, so scrolling fast never builds a backlog.
-        Returns the number of slices queued.
+        A newer prefetch request, or a new volume, supersedes older queued ones, so scrolling
+        fast never builds a backlog.
+
+        Args:
+            around: the slice the user is on (itself not queued).
+            radius: how many slices on each side.
+            direction: +1/-1 puts the slices the user scrolls or propagates towards first; 0 puts
+                the next slice first.
+
+        Returns:
+            The number of slices queued (cached ones are skipped); 0 when no volume is loaded.
         """
-        if self._volume is None or radius <= 0:
-            return 0
-        n = self.shape[around.axis]
+        with self._lock:
+            state = self._state
+            if state is None or radius <= 0:
+                return 0
+            self._prefetch_generation += 1
+            generation = self._prefetch_generation
+        n = state.shape[around.axis]
         order: list[int] = []
         for step in range(1, radius + 1):
             forward, backward = around.index + step, around.index - step
             pair = (backward, forward) if direction < 0 else (forward, backward)
             order.extend(i for i in pair if 0 <= i < n)
-        with self._lock:
-            self._prefetch_generation += 1
-            generation = self._prefetch_generation
         queued = 0
         for index in order:
             ref = SliceRef(around.axis, index)
-            if self.is_cached(ref):
+            if state.key(ref) in self.cache:
                 continue
-            self.worker.submit(lambda ref=ref: self._prefetch_one(ref, generation), PRIORITY_PREFETCH)
+            self.worker.submit(lambda ref=ref: self._prefetch_one(ref, state, generation), PRIORITY_PREFETCH)
             queued += 1
         return queued
 
-    def _prefetch_one(self, ref: SliceRef, generation: int) -> None:
-        if generation != self._prefetch_generation or self.is_cached(ref) or self.is_constant(ref):
+    def _prefetch_one(self, ref: SliceRef, state: VolumeState, generation: int) -> None:
+        if generation != self._prefetch_generation or state.key(ref) in self.cache or state.is_constant(ref):
             return
-        self._embedding_now(ref)
+        self._embedding_now(ref, state, lookahead=True)
 
     def encode_slices(self, refs: Iterable[SliceRef], progress: ProgressCallback | None = None,
                       cancel: CancelToken | None = None) -> int:
-        """Encode (and cache) many slices, e.g. for ``samsegment embed``; returns how many were encoded."""
+        """Encode (and cache) many slices of the current volume, e.g. for ``samsegment embed``.
+
+        Args:
+            refs: the slices, encoded in this order (constant slices are skipped).
+            progress: called after each slice with (done, total, message).
+            cancel: checked before each slice; cancelling raises ``errors.CancelledError``.
+
+        Returns:
+            How many slices were encoded (cached ones cost nothing and are not counted).
+        """
         refs = list(refs)
+        state = self.state
         before = self.encode_count
         for done, ref in enumerate(refs):
             if cancel is not None:
                 cancel.raise_if_cancelled()
-            if not self.is_constant(ref):
-                self.embedding(ref, PRIORITY_INTERACTIVE)
+            if not state.is_constant(ref):
+                self._embedding(ref, state, PRIORITY_INTERACTIVE)
             if progress is not None:
                 progress(done + 1, len(refs), f"slice {ref.index}")
         return self.encode_count - before
 
     # ------------------------------------------------------------------ prompting
-    def _check_prompts(self, ref: SliceRef, prompts: Prompts) -> Prompts:
-        h, w = self.slice_image(ref).shape
+    def _check_prompts(self, ref: SliceRef, prompts: Prompts, state: VolumeState) -> Prompts:
+        h, w = state.slice_size(ref)
         if prompts.is_empty:
             raise PromptError("No prompt given", "click an include point or drag a box on the structure")
         if not prompts.has_include:
@@ -275,27 +524,48 @@ class SegmentationSession:
 
     def decode(self, ref: SliceRef, prompts: Prompts, mask_input: Any = None, priority: int = PRIORITY_INTERACTIVE,
                record: bool = False) -> Prediction:
-        """Decode ``prompts`` on ``ref`` (encoding it first if needed) without touching the history
-        unless ``record``; propagation uses this directly with its own mask inputs."""
-        prompts = self._check_prompts(ref, prompts)
-        if self.is_constant(ref):
-            value = int(self.slice_image(ref).flat[0])
+        """Decode ``prompts`` on ``ref`` (encoding it first if needed); propagation uses this
+        directly with its own boxes and mask inputs.
+
+        Args:
+            ref: a slice of the current volume.
+            prompts: points and/or box in slice pixels, decoded as given (a box past the edge is
+                clipped; no margin is added, unlike ``predict``).
+            mask_input: low-res (1, 1, 256, 256) logits for the decoder's mask prompt, or None.
+            priority: the queue priority (``PRIORITY_*``) of the encode and the decode.
+            record: append the prediction to the slice's history (as ``predict`` does).
+
+        Returns:
+            The ``Prediction``.
+
+        Raises:
+            PromptError: no prompt, only exclude points, or a prompt outside the slice.
+            VolumeError: the slice is outside the volume, or constant after windowing.
+        """
+        return self._decode(ref, prompts, self.state, mask_input, priority, record)
+
+    def _decode(self, ref: SliceRef, prompts: Prompts, state: VolumeState, mask_input: Any, priority: int,
+                record: bool) -> Prediction:
+        prompts = self._check_prompts(ref, prompts, state)
+        if state.is_constant(ref):
+            value = int(state.slice_image(ref).flat[0])
             raise VolumeError(f"Slice {ref.index} along axis {ref.axis} is constant after windowing (all {value}); "
                               "there is nothing to segment on it", "choose another slice or widen the intensity window")
+        key = state.key(ref)
 
         def run() -> Prediction:
             emb = None
             if threading.current_thread() is self.decoder_lane.thread:
-                emb = self.cache.get(self._key(ref))
+                emb = self.cache.get(key)
                 if emb is None:  # evicted since it was queued here: encode on the worker, as for any miss
-                    emb = self.worker.call(lambda: self._embedding_now(ref), priority)
+                    emb = self.worker.call(lambda: self._embedding_now(ref, state), priority)
             else:
-                emb = self._embedding_now(ref)
-            geom = self.geometry(ref)
+                emb = self._embedding_now(ref, state)
+            geom = self._geometry(state, ref)
             single_point = prompts.box is None and len(prompts.points) == 1
             multimask = single_point and mask_input is None and self.backend.spec.multimask_output
             out = self.backend.decode(emb, geom, prompts.points if len(prompts.points) else None, prompts.labels,
-                                      prompts.box, mask_input, multimask, features_key=self._key(ref))
+                                      prompts.box, mask_input, multimask, features_key=key)
             mask = out.logits > 0.0
             if self.fill_holes or self.largest_component:
                 from .postprocess import postprocess
@@ -305,53 +575,98 @@ class SegmentationSession:
 
         # a cached slice is decoded on the decode lane, so the decode never waits for an encoder
         # call running (or queued ahead of it) on the worker; a slice to encode first goes to the worker
-        lane = self.decoder_lane if self.is_cached(ref) else self.worker
+        lane = self.decoder_lane if key in self.cache else self.worker
         pred = lane.call(run, priority)
         if record:
             with self._lock:
-                self._history.setdefault(ref, []).append(pred)
+                if self._state is state:  # a new volume came meanwhile: this is not its history
+                    self._history.setdefault(ref, []).append(pred)
         return pred
 
     def predict(self, ref: SliceRef, prompts: Prompts, refine: bool = True) -> Prediction:
-        """Mask for the user's current prompts on ``ref``.
+        """Mask for the user's current prompts on ``ref``, recorded in the slice's history.
 
-        ``prompts`` is the full current set on that slice (all clicks so far and the box). When
-        the slice already has a prediction and ``refine`` is on, its low-res logits go in as the
-        mask prompt, so a corrective click edits the mask instead of starting over. The box gets
-        the session's ``box_margin`` (models that learnt from loose boxes under-segment from a tight
-        one); propagation composes its own boxes and calls ``decode``, which takes boxes as given.
+        When the slice already has a prediction and ``refine`` is on, its low-res logits go in as
+        the mask prompt, so a corrective click edits the mask instead of starting over. The box
+        gets the session's ``box_margin`` (models that learnt from loose boxes under-segment from
+        a tight one); propagation composes its own boxes and calls ``decode``, which takes boxes
+        as given.
+
+        Args:
+            ref: a slice of the current volume.
+            prompts: the full current set on that slice (all clicks so far and the box).
+            refine: feed the previous prediction's logits back (when ``refine_with_logits`` is on
+                and there are points).
+
+        Returns:
+            The ``Prediction`` (its ``prompts`` carry the box as decoded, widened and clipped).
+
+        Raises:
+            PromptError: as for ``decode``; also points without a box for a box-trained model.
+            VolumeError: as for ``decode``.
         """
-        check_slice_ref(self.shape, ref)
+        with self._lock:  # the volume and its history, as one
+            state = self.state
+            history = self._history.get(ref)
+            previous = history[-1] if history else None
+        check_slice_ref(state.shape, ref)
         if self.backend.spec.needs_box and prompts.box is None and len(prompts.points):
-            self._check_prompts(ref, prompts)  # a point outside the slice is reported as such first
+            self._check_prompts(ref, prompts, state)  # a point outside the slice is reported as such first
             raise PromptError(f"{self.backend.spec.name} segments from a box; points alone give no reliable mask",
                               "drag a box around the structure first (points then refine it), "
                               "or choose a SAM model for click-only prompts")
         if prompts.box is not None and self.box_margin > 0.0:
-            checked = self._check_prompts(ref, prompts)  # a zero-area or outside box is refused as drawn
-            prompts = Prompts(checked.points, checked.labels, self.user_box(ref, checked.box))
+            checked = self._check_prompts(ref, prompts, state)  # a zero-area or outside box is refused as drawn
+            prompts = Prompts(checked.points, checked.labels, self._user_box(state, ref, checked.box))
         mask_input = None
-        with self._lock:
-            history = self._history.get(ref)
-            previous = history[-1] if history else None
         if refine and self.refine_with_logits and previous is not None and len(prompts.points):
             mask_input = previous.low_res_logits
-        return self.decode(ref, prompts, mask_input=mask_input, record=True)
+        return self._decode(ref, prompts, state, mask_input, PRIORITY_INTERACTIVE, record=True)
 
     def user_box(self, ref: SliceRef, box: np.ndarray) -> np.ndarray:
-        """The box ``predict`` decodes for ``box`` drawn by the user on ``ref`` (widened by
-        ``box_margin``); anything that reasons about the user's box decodes this one too."""
+        """The box ``predict`` decodes for ``box`` drawn by the user on ``ref``; anything that
+        reasons about the user's box decodes this one too.
+
+        Args:
+            ref: a slice of the current volume.
+            box: (x0, y0, x1, y1) in slice pixels.
+
+        Returns:
+            The box widened by ``box_margin`` (at least the model's minimum, never past the
+            slice), as float64; unchanged when the margin is 0.
+        """
+        return self._user_box(self.state, ref, box)
+
+    def _user_box(self, state: VolumeState, ref: SliceRef, box: np.ndarray) -> np.ndarray:
         if self.box_margin <= 0.0:
             return np.asarray(box, dtype=np.float64)
-        return widen_box(box, self.geometry(ref), self.box_margin, self.backend.spec.box_margin_min_px)
+        return widen_box(box, self._geometry(state, ref), self.box_margin, self.backend.spec.box_margin_min_px)
 
     def current(self, ref: SliceRef) -> Prediction | None:
+        """The latest prediction on ``ref`` (None if none).
+
+        Args:
+            ref: a slice of the current volume.
+
+        Returns:
+            The last ``Prediction`` recorded on the slice, or None.
+        """
         with self._lock:
             history = self._history.get(ref)
             return history[-1] if history else None
 
     def undo(self, ref: SliceRef) -> Prediction | None:
-        """Drop the last prediction on ``ref``; returns the one now current (None if none is left)."""
+        """Drop the last prediction on ``ref``.
+
+        Args:
+            ref: a slice of the current volume.
+
+        Returns:
+            The prediction now current, or None if none is left.
+
+        Raises:
+            SAMSegmentError: the slice has no prediction to drop.
+        """
         with self._lock:
             history = self._history.get(ref)
             if not history:
@@ -361,13 +676,13 @@ class SegmentationSession:
             return history[-1] if history else None
 
     def reset(self, ref: SliceRef | None = None) -> None:
-        """Forget the prompt history of one slice (or all); cached embeddings stay."""
+        """Forget the prompt history of one slice, or of all; cached embeddings stay.
+
+        Args:
+            ref: the slice, or None for every slice.
+        """
         with self._lock:
             if ref is None:
                 self._history.clear()
             else:
                 self._history.pop(ref, None)
-
-    def low_res_from_mask(self, ref: SliceRef, mask: np.ndarray):
-        """A slice mask as decoder mask-input logits, for prompting from a mask the user drew."""
-        return self.geometry(ref).mask_to_low_res(mask, LOW_RES_SIZE)

@@ -32,15 +32,22 @@ class SliceRef:
             raise VolumeError(f"Slice axis must be 0, 1 or 2, got {self.axis}",
                               "use 0 for K (usually axial), 1 for J, 2 for I")
 
-    def shifted(self, step: int) -> "SliceRef":
-        return SliceRef(self.axis, self.index + step)
-
 
 def validate_volume(volume: np.ndarray, name: str = "volume") -> np.ndarray:
     """Check that ``volume`` is a finite 3D scalar array and return it as a numpy array.
 
     Raising here, before any model work, turns confusing tensor shape errors deep inside torch
     into a message that names the actual problem.
+
+    Args:
+        volume: the array (anything ``np.asarray`` accepts).
+        name: what to call it in error messages.
+
+    Returns:
+        ``np.asarray(volume)`` (not copied).
+
+    Raises:
+        VolumeError: not numeric, complex, not 3D, empty, or with NaN/infinite voxels.
     """
     arr = np.asarray(volume)
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
@@ -70,7 +77,16 @@ def validate_volume(volume: np.ndarray, name: str = "volume") -> np.ndarray:
 
 
 def check_slice_ref(shape: tuple[int, ...], ref: SliceRef) -> None:
-    """Raise a clear error if ``ref`` does not name a usable slice of a volume of ``shape``."""
+    """Raise a clear error if ``ref`` does not name a usable slice of a volume of ``shape``.
+
+    Args:
+        shape: the (K, J, I) shape of the volume.
+        ref: the slice.
+
+    Raises:
+        VolumeError: the index is outside the volume, or the slices along that axis are thinner
+            than ``MIN_SLICE_SIDE`` pixels.
+    """
     if not 0 <= ref.index < shape[ref.axis]:
         raise VolumeError(f"Slice {ref.index} along axis {ref.axis} is outside the volume "
                           f"(valid 0..{shape[ref.axis] - 1})", "choose a slice inside the volume")
@@ -81,18 +97,41 @@ def check_slice_ref(shape: tuple[int, ...], ref: SliceRef) -> None:
 
 
 def slice_shape(shape: tuple[int, ...], axis: int) -> tuple[int, int]:
+    """The (rows, columns) of a slice along ``axis`` of a volume of ``shape``.
+
+    Args:
+        shape: the (K, J, I) shape of the volume.
+        axis: 0, 1 or 2.
+
+    Returns:
+        The two remaining sizes, in array order.
+    """
     rest = [s for a, s in enumerate(shape) if a != axis]
     return int(rest[0]), int(rest[1])
 
 
 def get_slice(volume: np.ndarray, ref: SliceRef) -> np.ndarray:
-    """The 2D image of ``ref`` (a view where numpy allows it)."""
+    """The 2D image of ``ref``.
+
+    Args:
+        volume: a (K, J, I) array.
+        ref: the slice (refused with ``VolumeError`` if it is not a usable slice of ``volume``).
+
+    Returns:
+        ``np.take(volume, ref.index, ref.axis)``: a new (H, W) array.
+    """
     check_slice_ref(volume.shape, ref)
     return np.take(volume, ref.index, axis=ref.axis)
 
 
 def set_slice(volume: np.ndarray, ref: SliceRef, plane: np.ndarray) -> None:
-    """Write ``plane`` into ``volume`` at ``ref`` in place."""
+    """Write ``plane`` into ``volume`` at ``ref`` in place.
+
+    Args:
+        volume: a writable (K, J, I) array.
+        ref: the slice (refused with ``VolumeError`` if it is not a usable slice of ``volume``).
+        plane: the (H, W) values (anything numpy broadcasts to the slice).
+    """
     check_slice_ref(volume.shape, ref)
     index: list[object] = [slice(None)] * 3
     index[ref.axis] = ref.index
@@ -104,6 +143,12 @@ def volume_signature(volume: np.ndarray) -> str:
 
     Hashing all voxels costs ~0.1 s for a 512x512x400 int16 volume, small next to one encoder
     call, and unlike hashing a strided sample it cannot confuse two edited copies.
+
+    Args:
+        volume: the array; its dtype and shape are part of the hash.
+
+    Returns:
+        A 32-character hex BLAKE2b digest.
     """
     arr = np.ascontiguousarray(volume)
     digest = hashlib.blake2b(digest_size=16)

@@ -1,16 +1,26 @@
-"""One persistent inference thread, cancel tokens and progress callbacks.
+"""Persistent inference threads, cancel tokens and progress callbacks.
 
-All model calls run on one thread: warm allocator and thread-pool state stay with it, two
-encoders never fight over the cores, and an interactive prompt can jump ahead of queued
-look-ahead encodings because the queue is ordered by priority.
+An ``InferenceWorker`` is one thread running submitted calls in priority order. A session owns
+two (see ``session``): the inference worker, on which every encoder call runs, and the decode
+lane, on which decodes of already-cached slices run. Keeping every encode on one thread keeps
+warm allocator and thread-pool state with it, two encoders never fight over the cores, and an
+interactive encode jumps ahead of queued look-ahead encodes because the queue is ordered by
+priority; the decode lane lets a prompt's decode pass an encoder call that cannot be interrupted.
+
+Closing a worker never waits: queued calls are cancelled and the thread ends after the call it is
+in. The threads are daemons, so a forgotten worker cannot hold the interpreter open, but a daemon
+thread still inside torch when the interpreter tears down aborts the process; an exit hook
+therefore closes every live worker and waits for its current call.
 """
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import queue
 import threading
+import weakref
 from concurrent.futures import Future
 from typing import Any, Callable, Protocol
 
@@ -21,6 +31,11 @@ log = logging.getLogger(__name__)
 PRIORITY_INTERACTIVE = 0
 PRIORITY_PROPAGATION = 1
 PRIORITY_PREFETCH = 2
+_STOP = 10**9  # the priority of the stop marker: after everything (nothing is queued behind it)
+
+# every worker whose thread may still run; an entry lives as long as its thread holds the worker
+_LIVE: "weakref.WeakSet[InferenceWorker]" = weakref.WeakSet()
+_LIVE_LOCK = threading.Lock()
 
 
 class ProgressCallback(Protocol):
@@ -34,13 +49,16 @@ class CancelToken:
         self._event = threading.Event()
 
     def cancel(self) -> None:
+        """Ask the work holding this token to stop at its next check (any thread)."""
         self._event.set()
 
     @property
     def cancelled(self) -> bool:
+        """Whether ``cancel`` was called."""
         return self._event.is_set()
 
     def raise_if_cancelled(self) -> None:
+        """Raise ``errors.CancelledError`` if ``cancel`` was called; otherwise return."""
         if self._event.is_set():
             raise CancelledError()
 
@@ -51,48 +69,115 @@ class InferenceWorker:
     def __init__(self, name: str = "samsegment-inference") -> None:
         self._queue: queue.PriorityQueue[tuple[int, int, Callable[[], Any] | None, Future | None]] = queue.PriorityQueue()
         self._counter = itertools.count()
+        self._lock = threading.Lock()  # submit vs close: nothing is queued after the stop marker
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._closed = False
+        with _LIVE_LOCK:
+            _LIVE.add(self)
         self._thread.start()
 
     @property
     def thread(self) -> threading.Thread:
+        """The worker's thread (e.g. to tell whether code already runs on it)."""
         return self._thread
 
     def submit(self, fn: Callable[[], Any], priority: int = PRIORITY_INTERACTIVE) -> Future:
-        if self._closed:
-            raise RuntimeError("worker is closed")
+        """Queue ``fn`` and return at once.
+
+        Args:
+            fn: a callable without arguments, run on the worker thread.
+            priority: lower runs first (``PRIORITY_*``); equal priorities run in submission order.
+
+        Returns:
+            A future for ``fn``'s result or exception; ``cancel()`` on it before it starts drops
+            the call, and closing the worker cancels it if it has not started.
+
+        Raises:
+            RuntimeError: the worker is closed.
+        """
         future: Future = Future()
-        self._queue.put((priority, next(self._counter), fn, future))
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("worker is closed")
+            self._queue.put((priority, next(self._counter), fn, future))
         return future
 
     def call(self, fn: Callable[[], Any], priority: int = PRIORITY_INTERACTIVE) -> Any:
-        """Run ``fn`` on the worker and wait; runs inline when already on the worker thread."""
+        """Run ``fn`` on the worker and wait; runs inline when already on the worker thread.
+
+        Args:
+            fn: a callable without arguments.
+            priority: as for ``submit``.
+
+        Returns:
+            What ``fn`` returns; its exception is raised here (``concurrent.futures.CancelledError``
+            if the worker was closed before ``fn`` started).
+        """
         if threading.current_thread() is self._thread:
             return fn()
         return self.submit(fn, priority).result()
 
-    def pending(self) -> int:
-        return self._queue.qsize()
+    def close(self) -> None:
+        """Stop taking work and return at once, without waiting for the call in progress.
 
-    def close(self, wait: bool = True) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._queue.put((10**9, next(self._counter), None, None))
-        if wait and threading.current_thread() is not self._thread:
-            self._thread.join()
+        Queued calls that have not started are cancelled (whoever waits on them gets
+        ``concurrent.futures.CancelledError``); the thread ends after its current call. Closing
+        twice is harmless. ``join`` waits for the thread.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            dropped = []
+            while True:
+                try:
+                    _, _, _, future = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if future is not None:
+                    dropped.append(future)
+            self._queue.put((_STOP, next(self._counter), None, None))
+        for future in dropped:
+            future.cancel()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the thread of a closed worker to end (its current call finishing).
+
+        Args:
+            timeout: seconds to wait at most (None: as long as it takes).
+
+        Returns:
+            True when the thread has ended; False on timeout, or when called on the worker's own
+            thread (which cannot wait for itself).
+        """
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def _run(self) -> None:
         while True:
             _, _, fn, future = self._queue.get()
             if fn is None:
                 return
-            if future is not None and not future.set_running_or_notify_cancel():
-                continue
-            try:
-                result = fn()
-            except BaseException as exc:  # delivered to the waiting caller
-                future.set_exception(exc)
-            else:
-                future.set_result(result)
+            if future.set_running_or_notify_cancel():
+                try:
+                    result = fn()
+                except BaseException as exc:  # delivered to the waiting caller
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+            # an idle thread must not keep the last job's closure (and so its session) alive
+            fn = future = result = None
+
+
+def _stop_all_at_exit() -> None:
+    """Interpreter exit: close every live worker and wait for the call each one is in."""
+    with _LIVE_LOCK:
+        workers = list(_LIVE)
+    for worker in workers:
+        worker.close()
+    for worker in workers:
+        worker.join()
+
+
+atexit.register(_stop_all_at_exit)

@@ -110,3 +110,20 @@ def test_non_cache_folder_is_not_used(tmp_path):
     with pytest.raises(CacheMismatchError, match="not an embedding cache"):
         DiskTier(tmp_path).bind("vol", "litemedsam", "prep")
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_disk_tier_only_serves_the_volume_it_is_bound_to(tmp_path):
+    """Unbound, the tier holds nothing and writes nothing; after a rebind to another volume a
+    save for the old volume (a worker finishing late) is skipped, not mixed into the folder."""
+    tier = DiskTier(tmp_path / "c")
+    assert not tier.has(key(1)) and tier.load(key(1)) is None
+    tier.save(key(1), emb(1).half())
+    assert not (tmp_path / "c").exists()
+    tier.bind("vol", "litemedsam", "prep")
+    tier.save(key(1), emb(1).half())
+    assert tier.has(key(1)) and not tier.has(key(1, sig="other"))
+    tier.bind("other", "litemedsam", "prep", overwrite=True)
+    assert not (tmp_path / "c" / "axis0_00001.pt").exists()  # the old volume's files are gone
+    tier.save(key(2), emb(2).half())  # still keyed to "vol"
+    assert not (tmp_path / "c" / "axis0_00002.pt").exists()
+    assert tier.load(key(2)) is None
