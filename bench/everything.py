@@ -1,15 +1,16 @@
 """Everything mode: seconds per slice, batched decoding vs the naive one-prompt-at-a-time path,
 measured side by side in one run on the bundled sample CT. Prints JSON.
 
-* ``batched``: ``everything_slice`` — the grid's prompts go through the prompt encoder + mask
-  decoder ``--batch-size`` at a time, and quality/stability/NMS run on the 256x256 low-res logits;
-  only surviving masks are resized to the slice.
+* ``batched``: ``everything_slice`` with eager decoder batches — the grid's prompts go through the
+  prompt encoder + mask decoder ``--batch-size`` at a time, and quality/stability/NMS run on the
+  256x256 low-res logits; only surviving masks are resized to the slice.
 * ``naive``: the same algorithm through the public one-prompt API: ``session.decode`` per grid
   prompt (the backend's own decoder path, ONNX Runtime or eager), full-resolution logits per
   prompt, stability and NMS on full-resolution masks.
 * ``batch_size_1``: the batched code with one prompt per decoder call (isolates batching itself).
 * ``onnx_loop``: the engine's code, one prompt per call through the backend's ONNX Runtime decoder.
-* ``engine_default``: what ``everything_slice`` picks on this machine (``decoder_plan``).
+* ``engine_default``: what ``everything_slice`` does by default on this machine (the backend's
+  choice: ONNX Runtime one prompt per run, or eager batches).
 
 The slice's embedding is computed once before timing (it is the same for every variant); its
 time is reported separately. The machine's load average is printed with the numbers, because
@@ -120,7 +121,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from SAMSegmentLib import sample_data
-    from SAMSegmentLib.automatic import EverythingParams, decoder_plan, everything_slice
+    from SAMSegmentLib.automatic import EverythingParams, everything_slice
     from SAMSegmentLib.backends import SamBackend
     from SAMSegmentLib.session import SegmentationSession
     from SAMSegmentLib.volume import SliceRef
@@ -184,7 +185,8 @@ def main() -> None:
         if "naive" in found and "engine_default" in found:
             result["naive_regions_matched_by_engine_iou"] = [match(a, b) for a, b in
                                                              zip(found["naive"], found["engine_default"])]
-        result["engine_default_path"] = "/".join(str(v) for v in decoder_plan(backend, params.resolved(True), False))
+        result["engine_default_path"] = ("onnx" if backend.decoder_runtime == "onnx"
+                                         else f"eager/{backend.eager_batch_size}")
         shown = "engine_default" if "engine_default" in found else next(iter(found))
         result["found_on_middle_slice"] = best_structures(found[shown][len(indices) // 2],
                                                           lab[indices[len(indices) // 2]], names)

@@ -268,7 +268,7 @@ def encoder_compute(eager_backend: Any, per_slice_encode: dict[str, float]) -> d
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        eager_backend.image_encoder(torch.rand(1, 3, eager_backend.spec.image_size, eager_backend.spec.image_size))
+        eager_backend.net.image_encoder(torch.rand(1, 3, eager_backend.spec.image_size, eager_backend.spec.image_size))
     gflop = counter.get_total_flops() / 1e9
     a = np.random.default_rng(0).random((1024, 1024), dtype=np.float32)
     a @ a
@@ -305,11 +305,11 @@ def encoder_variants(backends: dict[str, Any], windowed: np.ndarray, lab: np.nda
 
     def eager_encode(x):
         with torch.inference_mode():
-            return eager.image_encoder(x)
+            return eager.net.image_encoder(x)
 
     def bf16_encode(x):
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-            return eager.image_encoder(x).float()
+            return eager.net.image_encoder(x).float()
 
     variants: dict[str, Callable[[Any], Any]] = {
         "eager_fp32": eager_encode,
@@ -318,7 +318,7 @@ def encoder_variants(backends: dict[str, Any], windowed: np.ndarray, lab: np.nda
     }
     compile_s: dict[str, float] = {}
     if not args.no_compile:
-        compiled = torch.compile(eager.image_encoder)
+        compiled = torch.compile(eager.net.image_encoder)
 
         def compiled_fp32(x):
             with torch.inference_mode():

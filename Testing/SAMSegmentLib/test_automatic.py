@@ -1,4 +1,4 @@
-"""Everything mode: grids, stability, mask NMS, batched decoding, regions and label volumes.
+"""Everything mode: grids, stability, mask NMS, decoder paths, regions and label volumes.
 
 The model tests use the real LiteMedSAM on a small phantom with a small grid (5 x 5 boxes of one
 scale, plus the refinement pass), so each everything call costs a few seconds on two cores.
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from SAMSegmentLib.automatic import (EverythingParams, Region, _link, decode_batch, everything_slice,
-                                     everything_volume, grid_boxes, grid_points, label_volume_from_regions,
-                                     mask_nms, regions_to_labels, stability_scores)
+from SAMSegmentLib.automatic import (EverythingParams, Region, _link, everything_slice, everything_volume,
+                                     grid_boxes, grid_points, label_volume_from_regions, mask_nms, regions_to_labels,
+                                     stability_scores)
 from SAMSegmentLib.errors import CancelledError
 from SAMSegmentLib.volume import SliceRef
 
@@ -97,19 +97,31 @@ def test_regions_to_labels_keeps_small_regions_on_top():
 
 
 # ------------------------------------------------------------------------------------------ model
-def test_batched_decoding_equals_one_prompt_at_a_time(disk_session, disks):
-    """The batch helper must give the masks the backend's own one-prompt decode gives."""
-    s = disk_session
-    ref = SliceRef(0, 0)
-    emb, geom = s.embedding(ref), s.geometry(ref)
-    boxes = np.array([[17, 19, 39, 41], [50, 10, 90, 50], [5, 5, 60, 60]], float)
-    low, scores = decode_batch(s.backend, emb, geom, boxes=boxes)
-    assert low.shape == (3, 1, 256, 256) and scores.shape == (3, 1)
-    for i, box in enumerate(boxes):
-        one = s.backend.decode(emb, geom, box=box)
-        agree = ((low[i, 0] > 0) == (one.low_res_logits[0, 0] > 0)).float().mean()
-        assert agree > 0.999
-        assert float(scores[i, 0]) == pytest.approx(one.score, abs=0.02)
+def test_grid_decodes_go_through_the_backend_only(disk_session, monkeypatch):
+    """Everything mode decodes through ``SamBackend.decode_batch`` (never the network's modules),
+    with the path and batch size of its parameters."""
+    backend = disk_session.backend
+    calls = []
+    original = backend.decode_batch
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("path"), kwargs.get("eager_batch"), kwargs.get("features_key")))
+        return original(*args, **kwargs)
+
+    class Forbidden(torch.nn.Module):
+        def forward(self, *args, **kwargs):
+            pytest.fail("a SAM module was called outside SamBackend")
+
+    monkeypatch.setattr(backend, "decode_batch", spy)
+    for name in ("prompt_encoder", "mask_decoder"):  # (monkeypatch.setattr cannot restore a submodule)
+        monkeypatch.setitem(backend.net._modules, name, Forbidden())
+    monkeypatch.setattr(backend, "_decode_eager", lambda *a, **k: pytest.fail("eager path not asked for"))
+    monkeypatch.setattr(backend, "_graph", lambda part: object())
+    monkeypatch.setattr(backend, "_decode_onnx", lambda graph, emb, p, multimask, key: (
+        torch.zeros(p.size, 1, 256, 256), torch.zeros(p.size, 1)))
+    assert everything_slice(disk_session, SliceRef(0, 0), replace(SMALL, decoder="loop", batch_size=7)) == []
+    assert calls and {c[:2] for c in calls} == {("onnx", 7)}
+    assert len({id(c[2]) for c in calls}) == 1  # one features key for the whole slice
 
 
 def test_everything_finds_each_separate_disk(disk_regions, disks):
@@ -198,17 +210,14 @@ def test_constant_slice_has_no_regions(backend):
 
 
 def test_batched_and_loop_decoder_paths_find_the_same_regions(disk_session, disk_regions):
-    from SAMSegmentLib.automatic import decoder_plan
-
-    assert decoder_plan(disk_session.backend, SMALL, False)[0] == (
-        "loop" if disk_session.backend.decoder_runtime == "onnx" else "batched")
-    default_is_loop = decoder_plan(disk_session.backend, SMALL, False)[0] == "loop"
-    loop = disk_regions if default_is_loop else everything_slice(disk_session, SliceRef(0, 0),
-                                                                 replace(SMALL, decoder="loop"))
+    """The eager batches and the one-prompt-per-run loop (ONNX Runtime where the backend has it) find
+    the same regions as the default path."""
+    loop = everything_slice(disk_session, SliceRef(0, 0), replace(SMALL, decoder="loop"))
     batched = everything_slice(disk_session, SliceRef(0, 0), replace(SMALL, decoder="batched", batch_size=8))
-    assert loop and len(loop) == len(batched)
-    for a, b in zip(loop, batched):
+    assert disk_regions and len(disk_regions) == len(loop) == len(batched)
+    for a, b, c in zip(disk_regions, loop, batched):
         assert iou(a.mask, b.mask) > 0.95 and a.score == pytest.approx(b.score, abs=0.02)
+        assert iou(a.mask, c.mask) > 0.95 and a.score == pytest.approx(c.score, abs=0.02)
 
 
 def test_everything_command_writes_a_label_volume(tmp_path, capsys):

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import pickle
-import shutil
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from SAMSegmentLib.backends import SamBackend, detect_architecture, load_state_dict
+from SAMSegmentLib.backends import SamBackend
 from SAMSegmentLib.errors import CheckpointError, ModelNotFoundError, SAMSegmentError
+from SAMSegmentLib.model_build import detect_architecture, load_state_dict
 from SAMSegmentLib.model_registry import get_spec, load_registry, resolve_weights
 from SAMSegmentLib.preprocessing import IntensityWindow
 from SAMSegmentLib.prompts import Prompts

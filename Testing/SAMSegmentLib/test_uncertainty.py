@@ -91,6 +91,23 @@ def test_jitter_is_around_the_box_predict_decodes(edge_session):
     assert ((widened > 0.5) == shown).mean() > ((drawn > 0.5) == shown).mean() - 1e-9
 
 
+def test_jittered_prompts_are_one_batched_decode(edge_session, monkeypatch):
+    """All n jittered boxes go to the backend's batched decode in one call (it picks the path)."""
+    s, _ = edge_session
+    calls = []
+    original = s.backend.decode_batch
+
+    def spy(emb, geom, points=None, labels=None, boxes=None, *args, **kwargs):
+        calls.append((points, boxes))
+        return original(emb, geom, points, labels, boxes, *args, **kwargs)
+
+    monkeypatch.setattr(s.backend, "decode_batch", spy)
+    prompt_uncertainty(s, SliceRef(0, 0), Prompts(box=[27, 27, 68, 68]).with_point(48, 48, 1), n=5, seed=0)
+    assert len(calls) == 1
+    points, boxes = calls[0]
+    assert boxes.shape == (5, 4) and points.shape == (5, 1, 2)
+
+
 def test_box_model_refuses_points_only(edge_session):
     s, _ = edge_session
     with pytest.raises(PromptError):
