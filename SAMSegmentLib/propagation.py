@@ -3,33 +3,46 @@
 Each next slice is prompted only from the previous slice's result. LiteMedSAM is very
 sensitive to how loose the box is, and no fixed padding is best for every organ, so the default
 policy (``PromptPolicy``) tests on the anchor whether a tight box is stable and, while one leads,
-decodes a looser one beside it to catch a shrinking spiral (decoder calls are ~40 ms against ~1 s
-for the encoder).
+decodes a looser one beside it to catch a shrinking spiral (a decoder call is cheap next to an
+encode).
 
 Slices the user accepted are anchors: never predicted, never overwritten. Between two anchors
 the gap is filled from both ends at once, so each slice is predicted from its nearer anchor.
+
+``propagate_iter`` is a generator over the decided slices, as SAM2's ``propagate_in_video``: the
+caller sets the pace and stops the run by no longer iterating. ``propagate`` collects it into a
+``PropagationResult`` and offers callbacks for the GUI and the CLI.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from concurrent.futures import Future
+from collections.abc import Callable, Generator, Mapping
+from concurrent.futures import Future, wait
+from contextlib import closing
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable, Mapping
+from itertools import pairwise
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from .errors import PromptError, SAMSegmentError, VolumeError
 from .prompts import Prompts
+from .session_protocol import SessionProtocol
 from .volume import SliceRef, slice_shape
 from .worker import PRIORITY_PROPAGATION, CancelToken, ProgressCallback
+
+if TYPE_CHECKING:
+    from .session import Prediction
 
 log = logging.getLogger(__name__)
 
 
 class StopReason(str, Enum):
+    """Why a propagation front stopped (the value reads as a sentence's end)."""
+
     EMPTY = "empty mask"
     TOO_SMALL = "mask smaller than the minimum area"
     LOW_IOU = "overlap with the previous slice below the threshold"
@@ -45,43 +58,23 @@ class StopReason(str, Enum):
 
 DIRECTIONS = {"both": (1, -1), "up": (1,), "down": (-1,), "+": (1,), "-": (-1,)}
 
+Decode = Callable[..., "Prediction"]  # (prompts, mask_input=None) -> Prediction on one slice
+
 
 @dataclass
 class PromptPolicy:
-    """How the next slice is prompted from the previous mask, and how a candidate is chosen.
+    """How the next slice is prompted from the previous mask, and which candidate is kept.
 
-    Default (``paddings`` None): a tight box (the previous mask's box + ``tight_padding`` px)
-    where it is safe, else a looser one (+ ``safe_padding`` px). The tight box keeps neighbours
-    such as the renal hilum vessels or the liver's caudal neighbours out of the mask, but on some
-    structures it sets off a spiral (tight box -> smaller mask -> tighter box). Two guards:
-
-    1. ``calibrate``, on the anchor: the loop mask -> box + tight pad -> mask, run
-       ``calibration_rounds`` times on the anchor slice (it settles within ~3), must keep
-       ``>= min_stable_area_ratio`` of the anchor's area, else the front uses the loose box only.
-    2. While the tight box leads, the loose box is decoded too, from its own previous mask
-       (decoder calls are ~40 ms against ~1 s for the encoder); when the tight mask's area falls
-       below ``switch_area_ratio`` of the loose one's, the front goes on with the loose track.
-
-    Measured on the sample CT/MR (bench/accuracy.py, README "Measured figures"): the anchor test
-    alone rejects the tight box on the CT spleen, right kidney and stomach from the default
-    (widened-box) anchor, but not from an anchor decoded from a box drawn tight, where the spiral
-    starts slices later; the running comparison alone catches those spirals (the tight area falls
-    below 0.7 of the loose one's within 1-4 slices; it stays >= 0.7 on every front where the
-    tight box does better) but lets the tight box cost the CT spleen 0.009. Together: CT spleen /
-    liver / left kidney 0.9615 / 0.9432 / 0.9416 against 0.9615 / 0.9374 / 0.9383 with the loose
-    box alone. The thresholds were chosen on those structures; on 21 other labelled structures of
-    the two samples (``bench/accuracy.py --held-out``) the policy is neutral against the loose box
-    alone (mean Dice 0.431 vs 0.434 and 0.408 vs 0.408 from the widened / as-drawn anchor).
-
-    ``paddings`` given: candidates are the previous mask's box enlarged by each of them (a padding
-    is ``max(pad_px, pad_fraction * box side)``), optionally with the previous low-res logits as
-    mask input; the kept candidate maximises Dice with the previous mask.
-
-    ``mask_threshold``: propagated masks are ``logits > mask_threshold`` instead of ``> 0``.
-    A box prompt that is looser than the structure makes LiteMedSAM over-segment by a rim of
-    ~1 px, and since the next box is taken from that mask the error feeds forward (liver +100 %
-    area at its caudal end). 0.5 removes the rim without starting the shrinking spiral that
-    thresholds >= 0.75 set off.
+    Default (``paddings`` None): a tight box (previous mask's box + ``tight_padding`` px) keeps
+    neighbouring structures out of the mask, but on some structures it starts a spiral (tight box
+    -> smaller mask -> tighter box). So the tight box leads only where the anchor shows it stable
+    (``calibrate``), and while it leads a loose box (+ ``safe_padding`` px) is decoded beside it;
+    when the tight mask falls below ``switch_area_ratio`` of the loose one, the front goes on with
+    the loose track. ``paddings`` given: one candidate per padding (``max(pad_px, pad_fraction *
+    box side)``), optionally with the previous logits as mask input; the closest to the previous
+    mask (Dice) is kept. Masks are ``logits > mask_threshold``: at 0 a loose box leaves a rim of
+    about a pixel that the next box carries forward, while high thresholds start the spiral.
+    The thresholds were tuned with ``bench/accuracy.py`` (figures in the README).
     """
 
     paddings: tuple[tuple[float, float], ...] | None = None  # None: tight where safe, else loose
@@ -93,9 +86,17 @@ class PromptPolicy:
     min_stable_area_ratio: float = 0.95
     switch_area_ratio: float = 0.7
 
-    def calibrate(self, decode: Callable[[Prompts], Any], anchor_mask: np.ndarray) -> float:
-        """Area of the anchor's mask after ``calibration_rounds`` of mask -> box + tight pad ->
-        mask on the anchor's slice (``decode`` prompts it), as a fraction of the anchor's area."""
+    def calibrate(self, decode: Callable[[Prompts], Prediction], anchor_mask: np.ndarray) -> float:
+        """How much of the anchor's area the tight-box loop keeps on the anchor's own slice.
+
+        Args:
+            decode: decodes a prompt on the anchor's slice.
+            anchor_mask: the accepted mask.
+
+        Returns:
+            Area after ``calibration_rounds`` of mask -> box + ``tight_padding`` -> mask, as a
+            fraction of the anchor's area (the tight box may lead from ``min_stable_area_ratio``).
+        """
         tight = self.fixed(self.tight_padding)
         mask = np.asarray(anchor_mask, dtype=bool)
         for _ in range(self.calibration_rounds):
@@ -107,13 +108,24 @@ class PromptPolicy:
 
     @property
     def two_tracks(self) -> bool:
+        """Whether this is the default policy (tight and loose box tracks)."""
         return self.paddings is None
 
-    def fixed(self, pad_px: float) -> "PromptPolicy":
+    def fixed(self, pad_px: float) -> PromptPolicy:
         """This policy with one fixed padding of ``pad_px``."""
         return dataclasses.replace(self, paddings=((float(pad_px), 0.0),))
 
     def candidates(self, prev_mask: np.ndarray, prev_low_res: Any) -> list[tuple[str, Prompts, Any]]:
+        """The prompts to decode on the next slice.
+
+        Args:
+            prev_mask: the previous slice's mask (not empty).
+            prev_low_res: its low-res logits (mask input when ``use_mask_input``), or None.
+
+        Returns:
+            (name, box prompt, mask input or None) per candidate; the default policy gives its
+            loose box only (``propagate`` builds the tight track itself).
+        """
         ys, xs = np.nonzero(prev_mask)
         h, w = prev_mask.shape
         x0, x1, y0, y1 = xs.min(), xs.max(), ys.min(), ys.max()
@@ -128,7 +140,17 @@ class PromptPolicy:
                 out.append((name + "+mask", Prompts(box=box), prev_low_res))
         return out
 
-    def choose(self, prev_mask: np.ndarray, predictions: list[tuple[str, Any]]) -> tuple[str, Any]:
+    def choose(self, prev_mask: np.ndarray, predictions: list[tuple[str, Prediction]]) -> tuple[str, Prediction]:
+        """The candidate to keep.
+
+        Args:
+            prev_mask: the previous slice's mask.
+            predictions: (name, prediction) per candidate, in ``candidates`` order.
+
+        Returns:
+            (name, re-thresholded prediction) of the first candidate with the best Dice against
+            ``prev_mask``.
+        """
         predictions = [(name, self.threshold(pred)) for name, pred in predictions]
         best, best_score = predictions[0], -1.0
         for name, pred in predictions:
@@ -137,12 +159,11 @@ class PromptPolicy:
                 best, best_score = (name, pred), d
         return best
 
-    def threshold(self, pred: Any) -> Any:
-        """``pred`` with its mask re-thresholded at ``mask_threshold`` (needs full-res ``logits``)."""
-        logits = getattr(pred, "logits", None)
-        if self.mask_threshold == 0.0 or logits is None or not dataclasses.is_dataclass(pred):
+    def threshold(self, pred: Prediction) -> Prediction:
+        """``pred`` with its mask re-thresholded at ``mask_threshold`` (from its full-res ``logits``)."""
+        if self.mask_threshold == 0.0 or pred.logits is None:
             return pred
-        return dataclasses.replace(pred, mask=np.asarray(logits) > self.mask_threshold)
+        return dataclasses.replace(pred, mask=np.asarray(pred.logits) > self.mask_threshold)
 
 
 @dataclass
@@ -164,6 +185,8 @@ class StopRules:
 
 @dataclass
 class SliceOutcome:
+    """How one slice was decided: from which neighbour, with which candidate, and its measures."""
+
     index: int
     from_index: int
     direction: int
@@ -186,6 +209,8 @@ class RunStop:
 
 @dataclass
 class PropagationResult:
+    """What one propagation run decided: the new slices, and why each front stopped."""
+
     axis: int
     masks: dict[int, np.ndarray] = field(default_factory=dict)  # new slices only (anchors excluded)
     outcomes: dict[int, SliceOutcome] = field(default_factory=dict)
@@ -195,6 +220,15 @@ class PropagationResult:
     anchor_stability: dict[int, float] = field(default_factory=dict)
 
     def to_volume(self, shape: tuple[int, int, int], anchors: Mapping[int, np.ndarray] | None = None) -> np.ndarray:
+        """The propagated slices as a bool volume.
+
+        Args:
+            shape: the volume's shape.
+            anchors: slice index -> accepted mask, written too (under the propagated slices).
+
+        Returns:
+            A bool array of ``shape``, False outside the propagated (and anchor) slices.
+        """
         vol = np.zeros(shape, dtype=bool)
         for source in (anchors or {}, self.masks):
             for index, mask in source.items():
@@ -204,7 +238,16 @@ class PropagationResult:
         return vol
 
 
+class PropagatedSlice(NamedTuple):
+    """One slice decided by propagation, as ``propagate_iter`` yields it."""
+
+    index: int
+    mask: np.ndarray  # bool (H, W)
+    outcome: SliceOutcome
+
+
 def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice overlap of two bool masks (1.0 when both are empty)."""
     sa, sb = int(np.count_nonzero(a)), int(np.count_nonzero(b))
     if sa + sb == 0:
         return 1.0
@@ -212,12 +255,23 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two bool masks (1.0 when both are empty)."""
     union = int(np.count_nonzero(a | b))
     return 1.0 if union == 0 else int(np.count_nonzero(a & b)) / union
 
 
 def intensity_agreement(image: np.ndarray, mask: np.ndarray, value_range: tuple[float, float]) -> float:
-    """Fraction of ``mask`` pixels of ``image`` within ``value_range`` (inclusive, +-1 grey level)."""
+    """How well a mask's intensities match the anchor's.
+
+    Args:
+        image: the slice's windowed image.
+        mask: the mask on that slice.
+        value_range: (low, high) intensities, e.g. the anchor mask's 5th-95th percentiles.
+
+    Returns:
+        The fraction of ``mask`` pixels of ``image`` within ``value_range`` (inclusive, +-1 grey
+        level); 0 for an empty mask.
+    """
     values = image[mask]
     if values.size == 0:
         return 0.0
@@ -226,47 +280,347 @@ def intensity_agreement(image: np.ndarray, mask: np.ndarray, value_range: tuple[
     return float(np.count_nonzero(inside)) / values.size
 
 
-@dataclass
-class _Front:
-    anchor: int
-    step: int
-    limit: int  # last index this front may write (inclusive)
-    limit_reason: StopReason
-    index: int
-    mask: np.ndarray
-    low_res: Any
-    intensity_range: tuple[float, float]
-    calibrated: bool = False
-    tight_leads: bool = False  # default policy: the tight track is the one written
-    safe_mask: np.ndarray | None = None  # the loose track's previous mask while the tight one leads
-    stopped: RunStop | None = None
+def propagate_iter(session: SessionProtocol, axis: int, anchors: Mapping[int, np.ndarray], direction: str = "both",
+                   rules: StopRules | None = None, policy: PromptPolicy | None = None,
+                   cancel: CancelToken | None = None, anchor_logits: Mapping[int, Any] | None = None,
+                   lookahead: int = 1) -> Generator[PropagatedSlice, None, PropagationResult]:
+    """Propagate from ``anchors`` along ``axis``, yielding each slice as soon as it is decided.
+
+    The inputs are checked at the call, before anything runs. The fronts (one per anchor and
+    direction) take turns, one slice each, so slices come in the order they are decided. To stop,
+    stop iterating and close the generator (``break`` in a ``with contextlib.closing(...)``
+    block, or ``close()``): queued look-ahead encodes are cancelled and the one already running
+    is waited for, so no work of the run goes on after ``close()`` returns. ``cancel`` does the
+    same from another thread (where the generator may be busy and cannot be closed), before the
+    next slice. A run that ends by itself cancels its queued look-ahead but does not wait for an
+    encode already running: that slice finishes into the session's cache.
+
+    Args:
+        session: the session holding the volume (``SessionProtocol``).
+        axis: the axis along which to propagate (0, 1 or 2).
+        anchors: slice index -> accepted 2D mask; never predicted, never overwritten.
+        direction: "both", "up" (increasing index) or "down" (decreasing index), for the outer
+            ends; gaps between anchors are always filled from both ends.
+        rules: when a front stops (default ``StopRules()``).
+        policy: how each next slice is prompted (default ``PromptPolicy()``).
+        cancel: a token that ends the run at the next slice (the result says ``cancelled``).
+        anchor_logits: slice index -> an anchor's low-res logits, mask input for its first
+            neighbours when ``policy.use_mask_input``.
+        lookahead: how many slices beyond the current one each front keeps queued for encoding
+            on the session's worker, so the encoder works on slice n+1 while slice n is decoded
+            and checked. 0 encodes, then decodes, one slice at a time. The masks are identical
+            either way: every slice is decoded from its cached embedding.
+
+    Returns:
+        A generator of ``PropagatedSlice`` (index, mask, outcome). Run to its end (or to a
+        ``cancel``), its return value (``StopIteration.value``, or ``result = yield from ...``) is
+        the whole ``PropagationResult``, with why each front stopped.
+
+    Raises:
+        SAMSegmentError: unknown ``direction``; ``PromptError``/``VolumeError`` for anchors that
+        are missing, empty, of the wrong shape or outside the volume.
+    """
+    return _Propagation(session, axis, anchors, direction, rules, policy, anchor_logits, lookahead).run(cancel)
 
 
-def propagate(session: Any, axis: int, anchors: Mapping[int, np.ndarray], direction: str = "both",
+def propagate(session: SessionProtocol, axis: int, anchors: Mapping[int, np.ndarray], direction: str = "both",
               rules: StopRules | None = None, policy: PromptPolicy | None = None,
               on_slice: Callable[[SliceRef, np.ndarray, SliceOutcome], None] | None = None,
               progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
               anchor_logits: Mapping[int, Any] | None = None, lookahead: int = 1) -> PropagationResult:
-    """Propagate from ``anchors`` (slice index -> accepted 2D mask) along ``axis``.
+    """Propagate from ``anchors`` along ``axis`` to the end: ``propagate_iter``, collected.
 
-    ``direction`` is "both", "up" (increasing index) or "down" (decreasing index) for the
-    outer ends; gaps between anchors are always filled from both ends. ``on_slice`` is called
-    with each accepted slice as soon as it is decided (on the calling thread), so a GUI can
-    show progress; a cancelled run returns what was decided so far, all of it consistent.
+    Args:
+        session, axis, anchors, direction, rules, policy, anchor_logits, lookahead: as for
+            ``propagate_iter``.
+        on_slice: called with (slice, mask, outcome) for each slice as soon as it is decided, on
+            the calling thread, so a GUI can show progress.
+        progress: called with (slices done, most slices the fronts may write, message).
+        cancel: a token polled before each slice; a cancelled run returns what was decided so
+            far, all of it consistent.
 
-    ``lookahead``: how many slices beyond the current one each front keeps queued for encoding
-    on the session's worker, so the encoder works on slice n+1 while slice n is decoded and
-    checked (and written by ``on_slice``). 0 encodes, then decodes, one slice at a time. The
-    masks are identical either way: every slice is encoded before it is decoded and decoded from
-    the cached embedding; pipelining only changes when the encodes run. A front that stops
-    leaves at most ``lookahead`` encodes behind (queued ones are cancelled, a running one finishes
-    into the cache).
+    Returns:
+        The new slices' masks and outcomes, why each front stopped, whether the run was
+        cancelled, and the anchors' tight-box stability.
     """
-    rules = rules or StopRules()
-    policy = policy or PromptPolicy()
-    if direction not in DIRECTIONS:
-        raise SAMSegmentError(f"Unknown propagation direction {direction!r}", "use both, up or down")
-    shape = session.shape
+    run = _Propagation(session, axis, anchors, direction, rules, policy, anchor_logits, lookahead)
+    with closing(run.run(cancel)) as slices:  # an exception in a callback still ends the run's work
+        for done, (index, mask, outcome) in enumerate(slices, 1):
+            if on_slice is not None:
+                on_slice(SliceRef(axis, index), mask, outcome)
+            if progress is not None:
+                progress(done, run.total, f"slice {index}")
+    return run.result
+
+
+class _Front:
+    """One direction of propagation from one anchor: the previous slice's mask, the prompt
+    track(s) it decodes, and the tests that stop it."""
+
+    def __init__(self, anchor: int, step: int, limit: int, limit_reason: StopReason, mask: np.ndarray,
+                 low_res: Any, intensity_range: tuple[float, float]) -> None:
+        self.anchor, self.step = anchor, step
+        self.limit, self.limit_reason = limit, limit_reason  # last index this front may write (inclusive)
+        self.index, self.mask, self.low_res = anchor, mask, low_res  # the last slice decided
+        self.intensity_range = intensity_range  # of the anchor mask's pixels (5th-95th percentile)
+        self.calibrated = False
+        self.tight_leads = False  # default policy: the tight track is the one written
+        self.safe_mask: np.ndarray | None = None  # the loose track's previous mask while the tight one leads
+        self.stopped: RunStop | None = None
+
+    @property
+    def planned(self) -> int:
+        """How many slices this front may write at most."""
+        return max(0, (self.limit - self.anchor) * self.step)
+
+    def beyond_limit(self, index: int) -> bool:
+        return (index - self.limit) * self.step > 0
+
+    def ahead(self, index: int, count: int, claimed: set[int]) -> list[int]:
+        """Up to ``count`` slices after ``index`` in this front's direction that it may still write."""
+        out = []
+        for j in range(1, count + 1):
+            i = index + j * self.step
+            if self.beyond_limit(i) or i in claimed:
+                break
+            out.append(i)
+        return out
+
+    def set_tight_leads(self, tight_leads: bool) -> None:
+        """Start the default policy's tracks: tight and loose from the anchor, or loose only."""
+        self.calibrated = True
+        self.tight_leads = tight_leads
+        self.safe_mask = self.mask if tight_leads else None
+
+    def predict(self, decode: Decode, policy: PromptPolicy) -> tuple[str, Prediction]:
+        """Decode the next slice from this front's previous mask(s) (``decode`` prompts that slice).
+
+        Returns:
+            (candidate name, prediction) of the mask to write; the default policy also moves its
+            tracks on (or drops the tight one when it shrinks away).
+        """
+        if not policy.two_tracks or not self.tight_leads or self.safe_mask is None:
+            single = policy  # fixed paddings
+            if policy.two_tracks:  # one track left: the loose one after a switch, else the tight one
+                single = policy.fixed(policy.tight_padding if self.tight_leads else policy.safe_padding)
+            return single.choose(self.mask, [(name, decode(prompts, mask_input))
+                                             for name, prompts, mask_input in single.candidates(self.mask, self.low_res)])
+        tight_name, tight_prompts, _ = policy.fixed(policy.tight_padding).candidates(self.mask, None)[0]
+        safe_name, safe_prompts, _ = policy.fixed(policy.safe_padding).candidates(self.safe_mask, None)[0]
+        tight = policy.threshold(decode(tight_prompts))
+        safe = policy.threshold(decode(safe_prompts))
+        if tight.area < policy.switch_area_ratio * safe.area:
+            self.tight_leads, self.safe_mask = False, None  # the tight track shrinks away: go on with the loose one
+            return safe_name + " (tight track shrank)", safe
+        self.safe_mask = safe.mask if safe.area else None  # an empty loose track can no longer be followed
+        return tight_name, tight
+
+    def stop_reason(self, pred: Prediction, overlap: float, rules: StopRules,
+                    image: Callable[[], np.ndarray]) -> StopReason | None:
+        """Why ``pred`` (IoU ``overlap`` with the previous mask) ends this front, or None to write it;
+        ``image`` gives the slice's windowed image (read only for the intensity test)."""
+        area = pred.area
+        if area == 0:
+            return StopReason.EMPTY
+        if area < rules.min_area_px or area < rules.min_area_fraction * np.count_nonzero(self.mask):
+            return StopReason.TOO_SMALL
+        if overlap < rules.min_iou:
+            return StopReason.LOW_IOU
+        if pred.score < rules.min_score:
+            return StopReason.LOW_SCORE
+        if rules.min_intensity_agreement > 0 and intensity_agreement(
+                image(), pred.mask, self.intensity_range) < rules.min_intensity_agreement:
+            return StopReason.INTENSITY
+        return None
+
+    def advance(self, index: int, pred: Prediction) -> None:
+        self.index, self.mask, self.low_res = index, pred.mask, pred.low_res_logits
+
+
+class _Encodes:
+    """The encodes one run queued on the session's worker, by slice index (its look-ahead)."""
+
+    def __init__(self, session: SessionProtocol, axis: int) -> None:
+        self.session, self.axis = session, axis
+        self._futures: dict[int, Future] = {}
+
+    def start(self, index: int) -> None:
+        if index not in self._futures:
+            self._futures[index] = self.session.encode_async(SliceRef(self.axis, index), PRIORITY_PROPAGATION)
+
+    def wait_for(self, index: int, ahead: list[int]) -> None:
+        """Return once slice ``index`` is encoded, leaving the ``ahead`` slices queued behind it.
+
+        The slice's own encode is queued before the look-ahead ones, and waited for through its
+        own future (not a new worker call, which would queue behind every look-ahead submitted).
+        """
+        for i in (index, *ahead):
+            self.start(i)
+        self._futures.pop(index).result()
+
+    def drop(self, indices: list[int]) -> None:
+        """Cancel the queued encodes of ``indices``; one already running stays listed (``close``
+        waits for it), and finishes into the cache."""
+        for i in indices:
+            future = self._futures.get(i)
+            if future is not None and future.cancel():
+                del self._futures[i]
+
+    def close(self, wait_running: bool) -> None:
+        """Cancel every queued encode; with ``wait_running``, also wait for the one running, if
+        any, so that none is left."""
+        futures = list(self._futures.values())
+        self._futures.clear()
+        for future in futures:
+            future.cancel()
+        if wait_running:
+            wait(futures)
+
+
+class _Propagation:
+    """One propagation run: its fronts, the slices claimed so far, its encodes and its result
+    (SAM2's explicit inference state). Building it checks the inputs; ``run`` steps it."""
+
+    def __init__(self, session: SessionProtocol, axis: int, anchors: Mapping[int, np.ndarray], direction: str,
+                 rules: StopRules | None, policy: PromptPolicy | None, anchor_logits: Mapping[int, Any] | None,
+                 lookahead: int) -> None:
+        self.session, self.axis = session, axis
+        self.rules = rules or StopRules()
+        self.policy = policy or PromptPolicy()
+        self.lookahead = lookahead
+        if direction not in DIRECTIONS:
+            raise SAMSegmentError(f"Unknown propagation direction {direction!r}", "use both, up or down")
+        self.anchors = _checked_anchors(session.shape, axis, anchors)
+        self.fronts = self._fronts(DIRECTIONS[direction], anchor_logits or {})
+        self.claimed = set(self.anchors)
+        self.total = sum(f.planned for f in self.fronts)  # most slices the fronts may write
+        self.encodes = _Encodes(session, axis)
+        self.result = PropagationResult(axis=axis)
+
+    def _fronts(self, steps: tuple[int, ...], logits: Mapping[int, Any]) -> list[_Front]:
+        """The outer ends in ``steps``, then both ends of each gap between anchors."""
+        n = self.session.shape[self.axis]
+        order = sorted(self.anchors)
+        plan = []
+        if 1 in steps:
+            plan.append((order[-1], 1, n - 1))
+        if -1 in steps:
+            plan.append((order[0], -1, 0))
+        for a, b in pairwise(order):
+            if b - a > 1:
+                plan += [(a, 1, b - 1), (b, -1, a + 1)]
+        fronts = []
+        for anchor, step, natural in plan:
+            limit, reason = self._limit(anchor, step, natural)
+            image = self.session.slice_image(SliceRef(self.axis, anchor))
+            lo, hi = np.percentile(image[self.anchors[anchor]], (5, 95))
+            fronts.append(_Front(anchor, step, limit, reason, self.anchors[anchor], logits.get(anchor),
+                                 (float(lo), float(hi))))
+        return fronts
+
+    def _limit(self, anchor: int, step: int, natural: int) -> tuple[int, StopReason]:
+        """The last index a front may write, and why it stops there."""
+        n = self.session.shape[self.axis]
+        lo, hi = 0, n - 1
+        if self.rules.index_range is not None:
+            lo, hi = max(lo, self.rules.index_range[0]), min(hi, self.rules.index_range[1])
+        bound, reason = natural, StopReason.VOLUME_EDGE
+        ranged = hi if step > 0 else lo
+        if (step > 0 and ranged < bound) or (step < 0 and ranged > bound):
+            bound, reason = ranged, StopReason.RANGE_LIMIT
+        if self.rules.max_slices is not None:
+            capped = anchor + step * self.rules.max_slices
+            if (step > 0 and capped < bound) or (step < 0 and capped > bound):
+                bound, reason = capped, StopReason.RANGE_LIMIT
+        return bound, reason
+
+    def run(self, cancel: CancelToken | None) -> Generator[PropagatedSlice, None, PropagationResult]:
+        """The fronts take turns, one decision each, until all have stopped (see ``propagate_iter``)."""
+        finished = False
+        try:
+            while any(f.stopped is None for f in self.fronts):
+                for front in self.fronts:
+                    if front.stopped is not None:
+                        continue
+                    if cancel is not None and cancel.cancelled:
+                        self._cancel()
+                        return self.result
+                    decided = self._step(front)
+                    if decided is not None:
+                        yield decided
+            finished = True
+            return self.result
+        except GeneratorExit:  # the consumer stopped iterating
+            self._cancel()
+            raise
+        finally:
+            # Stopped early (closed, cancelled, an error): wait for the encode running, so that no work
+            # of the run goes on. Finished: its last look-ahead may finish into the cache on its own
+            # (as a front's does when it stops), without delaying the result by an encode.
+            self.encodes.close(wait_running=not finished)
+
+    def _step(self, front: _Front) -> PropagatedSlice | None:
+        """Decide ``front``'s next slice: the slice written, or None when the front stops instead."""
+        nxt = front.index + front.step
+        if front.beyond_limit(nxt):
+            return self._stop(front, front.limit_reason)
+        if nxt in self.claimed:
+            return self._stop(front, StopReason.ANCHOR if nxt in self.anchors else StopReason.MET)
+        ref = SliceRef(self.axis, nxt)
+        if self.session.is_constant(ref):
+            return self._stop(front, StopReason.CONSTANT_SLICE, nxt)
+        if not front.calibrated:
+            self._calibrate(front, nxt)
+        self.encodes.wait_for(nxt, front.ahead(nxt, self.lookahead, self.claimed))
+
+        def decode(prompts: Prompts, mask_input: Any = None) -> Prediction:
+            return self.session.decode(ref, prompts, mask_input=mask_input, priority=PRIORITY_PROPAGATION)
+
+        name, pred = front.predict(decode, self.policy)
+        overlap = iou(front.mask, pred.mask)
+        reason = front.stop_reason(pred, overlap, self.rules, lambda: self.session.slice_image(ref))
+        if reason is not None:
+            return self._stop(front, reason, nxt)
+        outcome = SliceOutcome(nxt, front.index, front.step, pred.score, pred.area, overlap, name)
+        self.claimed.add(nxt)
+        self.result.masks[nxt] = pred.mask
+        self.result.outcomes[nxt] = outcome
+        front.advance(nxt, pred)
+        return PropagatedSlice(nxt, pred.mask, outcome)
+
+    def _calibrate(self, front: _Front, nxt: int) -> None:
+        """Decide on the front's first step whether its tight box may lead (fronts leaving one anchor share)."""
+        if not self.policy.two_tracks:
+            front.calibrated = True
+            return
+        anchor = front.anchor
+        if anchor not in self.result.anchor_stability:
+            if self.lookahead > 0:
+                self.encodes.start(nxt)  # overlaps the calibration
+            anchor_ref = SliceRef(self.axis, anchor)
+            try:
+                self.result.anchor_stability[anchor] = self.policy.calibrate(
+                    lambda prompts: self.session.decode(anchor_ref, prompts, priority=PRIORITY_PROPAGATION),
+                    self.anchors[anchor])
+            except VolumeError:  # e.g. an anchor painted on a slice with no contrast: nothing to test on
+                self.result.anchor_stability[anchor] = 0.0
+        front.set_tight_leads(self.result.anchor_stability[anchor] >= self.policy.min_stable_area_ratio)
+
+    def _stop(self, front: _Front, reason: StopReason, at: int | None = None) -> None:
+        front.stopped = RunStop(front.anchor, front.step, front.index, reason, at)
+        self.result.stops.append(front.stopped)
+        # its queued look-ahead: nobody will need it
+        self.encodes.drop(front.ahead(front.index, max(self.lookahead, 1) + 1, self.claimed))
+
+    def _cancel(self) -> None:
+        for front in self.fronts:
+            if front.stopped is None:
+                self._stop(front, StopReason.CANCELLED)
+        self.result.cancelled = True
+
+
+def _checked_anchors(shape: tuple[int, int, int], axis: int, anchors: Mapping[int, np.ndarray]) -> dict[int, np.ndarray]:
+    """``anchors`` as bool masks, refused with the reason when one cannot be propagated from."""
     n = shape[axis]
     plane = slice_shape(shape, axis)
     if not anchors:
@@ -282,181 +636,4 @@ def propagate(session: Any, axis: int, anchors: Mapping[int, np.ndarray], direct
         if not mask.any():
             raise PromptError(f"Anchor mask on slice {index} is empty", "segment the structure on that slice first")
         clean[int(index)] = mask
-    order = sorted(clean)
-    lo, hi = 0, n - 1
-    if rules.index_range is not None:
-        lo, hi = max(lo, rules.index_range[0]), min(hi, rules.index_range[1])
-
-    def limit_for(anchor: int, step: int, natural: int) -> tuple[int, StopReason]:
-        bound, reason = natural, StopReason.VOLUME_EDGE
-        ranged = hi if step > 0 else lo
-        if (step > 0 and ranged < bound) or (step < 0 and ranged > bound):
-            bound, reason = ranged, StopReason.RANGE_LIMIT
-        if rules.max_slices is not None:
-            capped = anchor + step * rules.max_slices
-            if (step > 0 and capped < bound) or (step < 0 and capped > bound):
-                bound, reason = capped, StopReason.RANGE_LIMIT
-        return bound, reason
-
-    logits = anchor_logits or {}
-    fronts: list[_Front] = []
-
-    def add_front(anchor: int, step: int, natural: int) -> None:
-        limit, reason = limit_for(anchor, step, natural)
-        image = session.slice_image(SliceRef(axis, anchor))
-        lo_i, hi_i = np.percentile(image[clean[anchor]], (5, 95))
-        fronts.append(_Front(anchor, step, limit, reason, anchor, clean[anchor], logits.get(anchor),
-                             (float(lo_i), float(hi_i))))
-
-    steps = DIRECTIONS[direction]
-    if 1 in steps:
-        add_front(order[-1], 1, n - 1)
-    if -1 in steps:
-        add_front(order[0], -1, 0)
-    for a, b in zip(order, order[1:]):
-        if b - a > 1:
-            add_front(a, 1, b - 1)
-            add_front(b, -1, a + 1)
-
-    result = PropagationResult(axis=axis)
-    claimed = set(order)
-    total = sum(max(0, (f.limit - f.anchor) * f.step) for f in fronts)
-    done = 0
-
-    encodes: dict[int, Future] = {}  # slice index -> queued/running encode (pipelining)
-
-    def calibrate(front: _Front, nxt: int) -> None:
-        """Decide on the front's first step whether its tight box may lead (fronts leaving one anchor share)."""
-        front.calibrated = True
-        if not policy.two_tracks:
-            return
-        anchor = front.anchor
-        if anchor not in result.anchor_stability:
-            encode_async = getattr(session, "encode_async", None)
-            if encode_async is not None and lookahead > 0 and nxt not in encodes:
-                encodes[nxt] = encode_async(SliceRef(axis, nxt), PRIORITY_PROPAGATION)  # overlaps the calibration
-            anchor_ref = SliceRef(axis, anchor)
-            try:
-                result.anchor_stability[anchor] = policy.calibrate(
-                    lambda prompts: session.decode(anchor_ref, prompts, priority=PRIORITY_PROPAGATION), clean[anchor])
-            except VolumeError:  # e.g. an anchor painted on a slice with no contrast: nothing to test on
-                result.anchor_stability[anchor] = 0.0
-        front.tight_leads = result.anchor_stability[anchor] >= policy.min_stable_area_ratio
-        front.safe_mask = front.mask if front.tight_leads else None
-
-    def stop(front: _Front, reason: StopReason, at: int | None = None) -> None:
-        front.stopped = RunStop(front.anchor, front.step, front.index, reason, at)
-        result.stops.append(front.stopped)
-        for i in _ahead(front, front.index, max(lookahead, 1) + 1, claimed):
-            future = encodes.pop(i, None)
-            if future is not None:
-                future.cancel()  # not started yet: nobody will need it
-
-    while any(f.stopped is None for f in fronts):
-        for front in fronts:
-            if front.stopped is not None:
-                continue
-            if cancel is not None and cancel.cancelled:
-                for f in fronts:
-                    if f.stopped is None:
-                        stop(f, StopReason.CANCELLED)
-                result.cancelled = True
-                for future in encodes.values():
-                    future.cancel()
-                return result
-            nxt = front.index + front.step
-            if (nxt - front.limit) * front.step > 0:
-                stop(front, front.limit_reason)
-                continue
-            if nxt in claimed:
-                stop(front, StopReason.ANCHOR if nxt in clean else StopReason.MET)
-                continue
-            ref = SliceRef(axis, nxt)
-            if session.is_constant(ref):
-                stop(front, StopReason.CONSTANT_SLICE, nxt)
-                continue
-            if not front.calibrated:
-                calibrate(front, nxt)
-            _encode_with_lookahead(session, axis, front, nxt, lookahead, claimed, encodes)
-            name, pred = _predict_next(session, ref, front, policy)
-            area = pred.area
-            overlap = iou(front.mask, pred.mask)
-            reason = None
-            if area == 0:
-                reason = StopReason.EMPTY
-            elif area < rules.min_area_px or area < rules.min_area_fraction * np.count_nonzero(front.mask):
-                reason = StopReason.TOO_SMALL
-            elif overlap < rules.min_iou:
-                reason = StopReason.LOW_IOU
-            elif pred.score < rules.min_score:
-                reason = StopReason.LOW_SCORE
-            elif rules.min_intensity_agreement > 0 and intensity_agreement(
-                    session.slice_image(ref), pred.mask, front.intensity_range) < rules.min_intensity_agreement:
-                reason = StopReason.INTENSITY
-            if reason is not None:
-                stop(front, reason, nxt)
-                continue
-            outcome = SliceOutcome(nxt, front.index, front.step, pred.score, area, overlap, name)
-            claimed.add(nxt)
-            result.masks[nxt] = pred.mask
-            result.outcomes[nxt] = outcome
-            front.index, front.mask, front.low_res = nxt, pred.mask, pred.low_res_logits
-            if on_slice is not None:
-                on_slice(ref, pred.mask, outcome)
-            done += 1
-            if progress is not None:
-                progress(done, total, f"slice {nxt}")
-    for future in encodes.values():  # look-ahead of slices another front claimed meanwhile
-        future.cancel()
-    return result
-
-
-def _ahead(front: _Front, index: int, count: int, claimed: set[int]) -> list[int]:
-    """Up to ``count`` slices after ``index`` in ``front``'s direction that it may still write."""
-    out = []
-    for j in range(1, count + 1):
-        i = index + j * front.step
-        if (i - front.limit) * front.step > 0 or i in claimed:
-            break
-        out.append(i)
-    return out
-
-
-def _encode_with_lookahead(session: Any, axis: int, front: _Front, index: int, lookahead: int,
-                           claimed: set[int], encodes: dict[int, Future]) -> None:
-    """Return once slice ``index`` is encoded, leaving the next ``lookahead`` slices of ``front``
-    queued on the worker, so they encode while this one is decoded.
-
-    The slice's own encode is queued before the look-ahead ones, and waited for through its own
-    future (not a new worker call, which would queue behind every look-ahead already submitted).
-    Sessions without ``encode_async`` (duck-typed stand-ins) simply decode, which encodes on demand.
-    """
-    encode_async = getattr(session, "encode_async", None)
-    if encode_async is None:
-        return
-    wanted = [index] + _ahead(front, index, lookahead, claimed)
-    for i in wanted:
-        if i not in encodes:
-            encodes[i] = encode_async(SliceRef(axis, i), PRIORITY_PROPAGATION)
-    encodes.pop(index).result()
-
-
-def _predict_next(session: Any, ref: SliceRef, front: _Front, policy: PromptPolicy) -> tuple[str, Any]:
-    def decode(prompts: Prompts, mask_input: Any = None) -> Any:
-        return session.decode(ref, prompts, mask_input=mask_input, priority=PRIORITY_PROPAGATION)
-
-    if not policy.two_tracks or not front.tight_leads or front.safe_mask is None:
-        single = policy  # fixed paddings
-        if policy.two_tracks:  # one track left: the loose one after a switch, else the tight one
-            single = policy.fixed(policy.tight_padding if front.tight_leads else policy.safe_padding)
-        return single.choose(front.mask, [(name, decode(prompts, mask_input))
-                                          for name, prompts, mask_input in single.candidates(front.mask, front.low_res)])
-    tight_name, tight_prompts, _ = policy.fixed(policy.tight_padding).candidates(front.mask, None)[0]
-    safe_name, safe_prompts, _ = policy.fixed(policy.safe_padding).candidates(front.safe_mask, None)[0]
-    tight = policy.threshold(decode(tight_prompts))
-    safe = policy.threshold(decode(safe_prompts))
-    if tight.area < policy.switch_area_ratio * safe.area:
-        front.tight_leads, front.safe_mask = False, None  # the tight track shrinks away: go on with the loose one
-        return safe_name + " (tight track shrank)", safe
-    front.safe_mask = safe.mask if safe.area else None  # an empty loose track can no longer be followed
-    return tight_name, tight
+    return clean

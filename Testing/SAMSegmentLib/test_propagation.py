@@ -1,17 +1,21 @@
 """Propagation with the real model: accuracy on a moving phantom and the sample CT, stop reasons,
-anchors, gap filling, cancellation."""
+anchors, gap filling, cancellation, the generator and the work it leaves behind."""
 
 from __future__ import annotations
+
+import time
+from contextlib import closing
 
 import numpy as np
 import pytest
 
 from phantoms import box_of, dice, ellipsoid_ct
 from SAMSegmentLib.errors import PromptError, SAMSegmentError, VolumeError
-from SAMSegmentLib.propagation import PromptPolicy, StopReason, StopRules, propagate
 from SAMSegmentLib.prompts import Prompts
+from SAMSegmentLib.propagation import PromptPolicy, StopReason, StopRules, propagate, propagate_iter
+from SAMSegmentLib.session_protocol import SessionProtocol
 from SAMSegmentLib.volume import SliceRef
-from SAMSegmentLib.worker import CancelToken
+from SAMSegmentLib.worker import PRIORITY_INTERACTIVE, PRIORITY_PROPAGATION, CancelToken
 
 
 @pytest.fixture(scope="module")
@@ -214,3 +218,136 @@ def test_anchor_on_a_blank_slice_skips_the_tight_box_test(backend, moving):
     assert result.anchor_stability == {k: 0.0}
     assert sorted(result.masks) == [k - 2, k - 1, k + 1, k + 2]
     assert all(o.candidate == "box+3px/0%" for o in result.outcomes.values())
+
+
+# ------------------------------------------------------------------------------ the generator
+class CountingSession:
+    """A real session behind ``SessionProtocol`` that records the model work asked of it."""
+
+    def __init__(self, session):
+        self.real = session
+        self.backend, self.worker = session.backend, session.worker
+        self.encode_futures = []  # one per encode_async call
+        self.decodes = 0
+
+    @property
+    def model_id(self):
+        return self.real.model_id
+
+    @property
+    def shape(self):
+        return self.real.shape
+
+    def set_volume(self, volume, window=None, modality="auto", overwrite_disk_cache=False):
+        return self.real.set_volume(volume, window, modality, overwrite_disk_cache)
+
+    def slice_image(self, ref):
+        return self.real.slice_image(ref)
+
+    def geometry(self, ref):
+        return self.real.geometry(ref)
+
+    def is_constant(self, ref):
+        return self.real.is_constant(ref)
+
+    def embedding(self, ref, priority=PRIORITY_INTERACTIVE):
+        return self.real.embedding(ref, priority)
+
+    def encode_async(self, ref, priority=PRIORITY_PROPAGATION):
+        future = self.real.encode_async(ref, priority)
+        self.encode_futures.append(future)
+        return future
+
+    def decode(self, ref, prompts, mask_input=None, priority=PRIORITY_INTERACTIVE, record=False):
+        self.decodes += 1
+        return self.real.decode(ref, prompts, mask_input, priority, record)
+
+    def user_box(self, ref, box):
+        return self.real.user_box(ref, box)
+
+
+def test_propagate_iter_yields_what_propagate_returns_in_decision_order(moving):
+    s, _, mask = moving
+    k = 12
+    a = anchor_mask(s, mask, k)
+    seen = []
+    result = propagate(s, 0, {k: a}, on_slice=lambda ref, m, o: seen.append((ref.index, m, o)))
+    steps = propagate_iter(s, 0, {k: a})
+    got = []
+    while True:
+        try:
+            got.append(next(steps))
+        except StopIteration as end:
+            returned = end.value
+            break
+    assert [g.index for g in got] == [i for i, _, _ in seen] and len(got) == len(result.masks) > 4
+    assert all(np.array_equal(g.mask, m) and g.outcome == o for g, (_, m, o) in zip(got, seen))
+    assert all(np.array_equal(g.mask, result.masks[g.index]) for g in got)
+    assert returned.stops == result.stops and returned.outcomes == result.outcomes
+    assert returned.anchor_stability == result.anchor_stability and not returned.cancelled
+    # decision order: every slice comes from its anchor or from a slice yielded before it
+    decided = {k}
+    for index, _, outcome in got:
+        assert outcome.index == index and outcome.from_index in decided
+        decided.add(index)
+
+
+def test_bad_inputs_are_refused_when_propagate_iter_is_called(moving):
+    s, vol, mask = moving
+    with pytest.raises(PromptError, match="empty"):
+        propagate_iter(s, 0, {5: np.zeros(vol.shape[1:], bool)})
+    with pytest.raises(SAMSegmentError, match="direction"):
+        propagate_iter(s, 0, {5: mask[5] | True}, direction="sideways")
+
+
+def test_cancel_token_ends_the_iteration_with_a_consistent_result(moving):
+    s, _, mask = moving
+    k = 12
+    a = anchor_mask(s, mask, k)
+    token = CancelToken()
+    steps = propagate_iter(s, 0, {k: a}, cancel=token)
+    got = [next(steps).index for _ in range(3)]
+    token.cancel()
+    with pytest.raises(StopIteration) as end:
+        next(steps)
+    result = end.value.value
+    assert result.cancelled and sorted(result.masks) == sorted(got)
+    assert {(x.direction, x.reason) for x in result.stops} == {(1, StopReason.CANCELLED), (-1, StopReason.CANCELLED)}
+
+
+@pytest.mark.parametrize("how", ["close", "cancel token", "callback error"])
+def test_stopping_early_leaves_no_work_behind(backend, moving, how):
+    """Whichever way a run ends early, its queued look-ahead encodes are dropped, the one running
+    is finished, and nothing more is encoded or decoded afterwards."""
+    from SAMSegmentLib.session import SegmentationSession
+
+    _, vol, mask = moving
+    k = 12
+    with SegmentationSession(model=backend) as real:  # a cold cache: propagation has to encode
+        real.set_volume(vol)
+        a = anchor_mask(real, mask, k)
+        s = CountingSession(real)
+        assert isinstance(s, SessionProtocol)
+        if how == "callback error":
+            def on_slice(ref, m, outcome):
+                if ref.index == k - 1:
+                    raise RuntimeError("the GUI went away")
+
+            with pytest.raises(RuntimeError, match="went away"):
+                propagate(s, 0, {k: a}, lookahead=2, on_slice=on_slice)
+        else:
+            token = CancelToken()
+            with closing(propagate_iter(s, 0, {k: a}, lookahead=2, cancel=token)) as steps:
+                # the two fronts take turns: by the second slice both have look-ahead queued
+                assert [next(steps).index for _ in range(2)] == [k + 1, k - 1]
+                if how == "cancel token":
+                    token.cancel()
+                    with pytest.raises(StopIteration) as end:
+                        next(steps)
+                    assert end.value.value.cancelled
+        encodes, decodes = real.encode_count, s.decodes
+        assert all(f.done() for f in s.encode_futures)  # nothing queued, nothing running
+        assert any(f.cancelled() for f in s.encode_futures)  # the look-ahead was dropped, not encoded
+        assert encodes == 1 + sum(1 for f in s.encode_futures if not f.cancelled() and f.result())
+        time.sleep(0.3)
+        assert (real.encode_count, s.decodes) == (encodes, decodes)
