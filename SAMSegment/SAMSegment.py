@@ -40,6 +40,7 @@ EFFECT_SOURCE = os.path.join(MODULE_DIR, "SegmentEditorSAMLib", "SegmentEditorEf
 
 from SAMSegmentSlicer.dependencies import check_supported  # noqa: E402 - needs MODULE_DIR on sys.path
 from SAMSegmentSlicer.logic import SAMSegmentCore  # noqa: E402
+from SAMSegmentSlicer.status import show_status  # noqa: E402
 
 MODEL_IDS = SAMSegmentCore.model_ids()
 
@@ -229,8 +230,7 @@ class SAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ---------------------------------------------------------------- helpers
     def setStatus(self, text: str, error: bool = False) -> None:
-        self.ui.statusLabel.setText(text)
-        self.ui.statusLabel.setStyleSheet("color: #c0392b" if error else "")
+        show_status(self.ui.statusLabel, text, error)
 
     def guarded(self, message: str, action: Callable[[], object], waitCursor: bool = False) -> bool:
         """Run ``action``; on failure show ``message`` and the error once and return False.

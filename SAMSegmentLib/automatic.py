@@ -41,7 +41,8 @@ from typing import Any, Callable, Hashable, Sequence
 import numpy as np
 
 from .errors import SAMSegmentError
-from .preprocessing import SliceGeometry
+from .preprocessing import SliceGeometry, clip_box, mask_bbox
+from .session_protocol import SessionProtocol
 from .volume import SliceRef, check_slice_ref
 from .worker import PRIORITY_PROPAGATION, CancelToken, ProgressCallback
 
@@ -114,14 +115,6 @@ class Region:
     def area(self) -> int:
         return int(np.count_nonzero(self.mask))
 
-    @property
-    def bbox(self) -> tuple[int, int, int, int]:
-        """(x0, y0, x1, y1) inclusive pixel bounds; (0, 0, -1, -1) for an empty mask."""
-        ys, xs = np.nonzero(self.mask)
-        if not len(xs):
-            return 0, 0, -1, -1
-        return int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
-
 
 # ------------------------------------------------------------------------------------------ grids
 def grid_points(height: int, width: int, n: int) -> np.ndarray:
@@ -156,10 +149,7 @@ def grid_boxes(height: int, width: int, n: int, scales: Sequence[float]) -> np.n
     boxes = []
     for scale in scales:
         half = max(1.0, float(scale) * max(height, width) / 2.0)
-        b = np.concatenate([pts - half, pts + half], axis=1)
-        b[:, [0, 2]] = np.clip(b[:, [0, 2]], 0.0, width - 1.0)
-        b[:, [1, 3]] = np.clip(b[:, [1, 3]], 0.0, height - 1.0)
-        boxes.append(b)
+        boxes.append(clip_box(np.concatenate([pts - half, pts + half], axis=1), height, width))
     return np.concatenate(boxes, axis=0)
 
 
@@ -256,13 +246,12 @@ def _tight_boxes(masks: Any, geom: SliceGeometry, low_res_size: int, margin: flo
     sx, sy = geom.scale_xy
     out = []
     for m in masks.numpy():
-        ys, xs = np.nonzero(m)
-        x0, x1 = (xs.min() * f) / sx, ((xs.max() + 1) * f) / sx - 1
-        y0, y1 = (ys.min() * f) / sy, ((ys.max() + 1) * f) / sy - 1
+        bx0, by0, bx1, by1 = mask_bbox(m)
+        x0, x1 = (bx0 * f) / sx, ((bx1 + 1) * f) / sx - 1
+        y0, y1 = (by0 * f) / sy, ((by1 + 1) * f) / sy - 1
         dx, dy = margin * (x1 - x0 + 1), margin * (y1 - y0 + 1)
-        out.append([max(0.0, x0 - dx), max(0.0, y0 - dy), min(geom.width - 1.0, x1 + dx),
-                    min(geom.height - 1.0, y1 + dy)])
-    return np.asarray(out, dtype=np.float64).reshape(-1, 4)
+        out.append([x0 - dx, y0 - dy, x1 + dx, y1 + dy])
+    return clip_box(np.asarray(out, dtype=np.float64).reshape(-1, 4), geom.height, geom.width)
 
 
 class _Candidates:
@@ -315,7 +304,7 @@ def _filter(low_res: Any, iou: Any, prompts: np.ndarray, p: EverythingParams, va
 
 
 # ------------------------------------------------------------------------------------------ public API
-def everything_slice(session: Any, ref: SliceRef, params: EverythingParams | None = None,
+def everything_slice(session: SessionProtocol, ref: SliceRef, params: EverythingParams | None = None,
                      progress: ProgressCallback | None = None, cancel: CancelToken | None = None) -> list[Region]:
     """All regions the model finds on one slice.
 
@@ -378,7 +367,7 @@ class _SliceGrid:
         return logits[keep], scores[keep], stab[keep], used[keep]
 
 
-def _everything_now(session: Any, ref: SliceRef, p: EverythingParams, progress: ProgressCallback | None,
+def _everything_now(session: SessionProtocol, ref: SliceRef, p: EverythingParams, progress: ProgressCallback | None,
                     cancel: CancelToken | None) -> list[Region]:
     import torch
 
@@ -509,7 +498,7 @@ def label_volume_from_regions(regions_by_index: dict[int, Sequence[Region]], sha
     return labels
 
 
-def everything_volume(session: Any, axis: int = 0, indices: Sequence[int] | None = None,
+def everything_volume(session: SessionProtocol, axis: int = 0, indices: Sequence[int] | None = None,
                       params: EverythingParams | None = None, link: bool = True, link_iou: float = 0.5,
                       progress: ProgressCallback | None = None, cancel: CancelToken | None = None) -> np.ndarray:
     """Everything mode on many slices, as a label volume.

@@ -10,7 +10,6 @@ window is refused rather than silently producing wrong masks.
 from __future__ import annotations
 
 import json
-import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MemoryBudgetError, SAMSegmentError
+from .files import atomic_path, atomic_write_text
 
 DEFAULT_BUDGET_BYTES = 1 << 30
 DISK_FORMAT = 1
@@ -234,7 +234,7 @@ class DiskTier:
             raise CacheMismatchError(f"Cache folder {self.root} is not empty and is not an embedding cache",
                                      "choose an empty or new folder for --cache-dir")
         self.root.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(manifest, json.dumps(identity, indent=1))
+        atomic_write_text(manifest, json.dumps(identity, indent=1))
         self._identity = identity
 
     def _holds(self, key: CacheKey) -> bool:
@@ -300,15 +300,8 @@ class DiskTier:
         meta = {"volume_signature": key.volume_signature, "model_id": key.model_id,
                 "preprocessing": key.preprocessing, "axis": key.axis, "index": key.index}
         path = self.root / key.filename()
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}_{threading.get_ident()}")
         with self._lock:
             if not self._holds(key):
                 return
-            torch.save({"meta": meta, "embedding": tensor}, str(tmp))
-            os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+            with atomic_path(path, shareable=True) as tmp:
+                torch.save({"meta": meta, "embedding": tensor}, str(tmp))

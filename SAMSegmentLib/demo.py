@@ -14,15 +14,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import ImageIOError, PromptError
+from .preprocessing import mask_bbox
 
 if TYPE_CHECKING:
     from .backends import SamBackend
     from .worker import CancelToken, ProgressCallback
-
-
-def reference_box(mask2d: np.ndarray) -> list[float]:
-    ys, xs = np.nonzero(mask2d)
-    return [float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())]
 
 
 def run_demo(out_dir: str | Path, structure: str = "spleen", model: str | SamBackend | None = None,
@@ -51,7 +47,8 @@ def run_demo(out_dir: str | Path, structure: str = "spleen", model: str | SamBac
     from . import io as sio
     from . import sample_data
     from .backends import SamBackend
-    from .propagation import dice, propagate
+    from .metrics import dice
+    from .propagation import propagate
     from .prompts import Prompts
     from .session import SegmentationSession
     from .volume import SliceRef
@@ -75,7 +72,7 @@ def run_demo(out_dir: str | Path, structure: str = "spleen", model: str | SamBac
     areas = np.moveaxis(reference, axis, 0).reshape(reference.shape[axis], -1).sum(1)
     anchor = int(np.argmax(areas))
     ref = SliceRef(axis, anchor)
-    box = reference_box(np.take(reference, anchor, axis))
+    box = mask_bbox(np.take(reference, anchor, axis)).astype(float).tolist()  # the tight box a user would drag
 
     t0 = time.perf_counter()
     if not isinstance(model, SamBackend):

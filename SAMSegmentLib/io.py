@@ -9,8 +9,6 @@ input, so a crash or a typo cannot destroy the user's data.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -18,11 +16,11 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from .errors import ImageIOError, VolumeError
+from .files import IMAGE_EXTENSIONS, atomic_path, image_suffix
 from .volume import SliceRef, get_slice, validate_volume
 
 log = logging.getLogger(__name__)
 
-MASK_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 @dataclass(frozen=True)
@@ -182,14 +180,6 @@ def read_volume(path: str | Path, series_uid: str | None = None) -> tuple[np.nda
 
 
 # ------------------------------------------------------------------------------------------ writing
-def _suffix(path: Path) -> str:
-    name = path.name.lower()
-    for ext in MASK_EXTENSIONS:
-        if name.endswith(ext):
-            return ext
-    return path.suffix
-
-
 def _check_target(path: Path, overwrite: bool, source_paths: Iterable[str | Path]) -> None:
     target = path.expanduser().resolve()
     for src in source_paths:
@@ -199,8 +189,8 @@ def _check_target(path: Path, overwrite: bool, source_paths: Iterable[str | Path
         if target == src_path or (src_path.is_dir() and src_path in target.parents):
             raise ImageIOError(f"Refusing to write onto the input {src}",
                                "choose a different output file name; inputs are never overwritten")
-    if _suffix(path).lower() not in MASK_EXTENSIONS:
-        raise ImageIOError(f"Unsupported output type {path.name!r}", f"use one of {', '.join(MASK_EXTENSIONS)}")
+    if image_suffix(path) not in IMAGE_EXTENSIONS:
+        raise ImageIOError(f"Unsupported output type {path.name!r}", f"use one of {', '.join(IMAGE_EXTENSIONS)}")
     if path.exists() and not overwrite:
         raise ImageIOError(f"{path} already exists", "pass --overwrite (overwrite=True) or choose another name")
     if not path.parent.exists():
@@ -210,21 +200,12 @@ def _check_target(path: Path, overwrite: bool, source_paths: Iterable[str | Path
 def _write_atomic(image, path: Path) -> None:
     import SimpleITK as sitk
 
-    suffix = _suffix(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=str(path.parent))
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the result from other users
     try:
-        sitk.WriteImage(image, tmp, True)
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=image_suffix(path), shareable=True) as tmp:
+            sitk.WriteImage(image, str(tmp), True)
     except RuntimeError as exc:
         raise ImageIOError(f"Cannot write {path}: {str(exc).strip().splitlines()[-1][:200]}",
                            "check the folder is writable and the disk is not full") from exc
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def write_array(path: str | Path, array: np.ndarray, geometry: ImageGeometry, overwrite: bool = False,

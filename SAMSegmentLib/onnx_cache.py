@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .errors import SAMSegmentError
+from .files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ def weights_digest(weights_path: str | Path, cache_dir: str | Path, known_sha256
     memo[str(path)] = {**stamp, "sha256": digest}
     try:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(memo_path, json.dumps(memo, indent=1))
+        atomic_write_text(memo_path, json.dumps(memo, indent=1))
     except OSError as exc:  # a read-only cache only costs a re-hash next time
         log.debug("could not remember the weights digest in %s: %s", memo_path, exc)
     return digest
@@ -250,7 +251,7 @@ def _export(part: str, signature: dict[str, Any], folder: Path, recipe: GraphRec
         for inputs in recipe.check_inputs:
             _verify(part, module, session, inputs, recipe)
         del session  # closed before the folder is renamed (Windows cannot rename open or mapped files)
-        _atomic_write_text(tmp / SIGNATURE_FILE, json.dumps(signature, indent=1, sort_keys=True))
+        atomic_write_text(tmp / SIGNATURE_FILE, json.dumps(signature, indent=1, sort_keys=True))
         try:
             os.replace(tmp, folder)
         except OSError:  # another process finished the same export first: use its copy if valid
@@ -299,9 +300,3 @@ def _to_numpy(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):
         return x.detach().to("cpu").contiguous().numpy()
     return np.ascontiguousarray(x)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}_{threading.get_ident()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -74,7 +74,14 @@ class IntensityWindow:
 
 
 def looks_like_ct(volume: np.ndarray) -> bool:
-    """Heuristic: CT in HU has air near -1000 and rarely exceeds +4000 except metal."""
+    """Heuristic: CT in HU has air near -1000 and rarely exceeds +4000 except metal.
+
+    Args:
+        volume: the voxels.
+
+    Returns:
+        True when the value range looks like Hounsfield units.
+    """
     lo = float(np.min(volume))
     hi = float(np.max(volume))
     return lo <= -500.0 and hi <= 35000.0
@@ -89,7 +96,18 @@ def _sample(volume: np.ndarray) -> np.ndarray:
 
 
 def robust_window(volume: np.ndarray, percentiles: tuple[float, float] = MR_PERCENTILES) -> IntensityWindow:
-    """Percentile window over non-background voxels (background = the volume's minimum)."""
+    """Percentile window over non-background voxels (background = the volume's minimum).
+
+    Args:
+        volume: the voxels.
+        percentiles: (low, high) percentiles of the foreground that become the window's bounds.
+
+    Returns:
+        The window (the full value range when the percentiles coincide).
+
+    Raises:
+        VolumeError: the volume has one value everywhere.
+    """
     flat = _sample(volume).astype(np.float64)
     foreground = flat[flat > flat.min()]
     values = foreground if foreground.size >= 100 else flat
@@ -103,7 +121,19 @@ def robust_window(volume: np.ndarray, percentiles: tuple[float, float] = MR_PERC
 
 
 def auto_window(volume: np.ndarray, modality: str = "auto", preset: str | None = None) -> IntensityWindow:
-    """The default window: a CT preset for CT, robust percentiles otherwise."""
+    """The default window: a CT preset for CT, robust percentiles otherwise.
+
+    Args:
+        volume: the voxels.
+        modality: "ct", "mr" or "auto" (``looks_like_ct`` decides).
+        preset: a ``CT_PRESETS`` name that overrides the choice, or None.
+
+    Returns:
+        The window.
+
+    Raises:
+        VolumeError: an unknown ``preset``, or (percentiles) a volume of one value.
+    """
     if preset is not None:
         if preset not in CT_PRESETS:
             raise VolumeError(f"Unknown window preset {preset!r}", f"choose one of {', '.join(CT_PRESETS)}")
@@ -194,7 +224,18 @@ class SliceGeometry:
 
 
 def validate_prompt_geometry(height: int, width: int, points: np.ndarray | None, box: np.ndarray | None) -> None:
-    """Reject prompts outside the slice or degenerate boxes before they reach the model."""
+    """Reject prompts outside the slice or degenerate boxes before they reach the model.
+
+    Args:
+        height: slice rows.
+        width: slice columns.
+        points: (N, 2) points (x, y) in slice pixels, or None.
+        box: (x0, y0, x1, y1) in slice pixels, or None.
+
+    Raises:
+        PromptError: a point outside the slice, or a box that is inverted, of (near) zero area or
+            entirely outside the slice.
+    """
     if points is not None and len(points):
         pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
         if not np.isfinite(pts).all():
@@ -227,9 +268,18 @@ def widen_box(box: np.ndarray, geometry: SliceGeometry, fraction: float, min_mod
 
     Why: box-trained models (MedSAM, LiteMedSAM) learnt from boxes perturbed around the object,
     so a box drawn tight to the boundary is at the edge of what they saw and they under-segment,
-    badly on some MR slices (bench/accuracy.py: LiteMedSAM anchor Dice on the sample MR spleen 0.07
-    from the tight box, 0.87 with a 10 % margin). A fraction keeps the margin in proportion to the
-    object at any resolution; the floor keeps it above the model's pixel size for small objects.
+    badly on some MR slices (``bench/accuracy.py`` measures tight against widened boxes). A
+    fraction keeps the margin in proportion to the object at any resolution; the floor keeps it
+    above the model's pixel size for small objects.
+
+    Args:
+        box: (x0, y0, x1, y1) in slice pixels.
+        geometry: the slice's mapping to the model input (its size and scale).
+        fraction: margin per side as a fraction of the box's side.
+        min_model_px: the least margin per side, in model-input pixels.
+
+    Returns:
+        The widened box, float64, clipped to the slice.
     """
     x0, y0, x1, y1 = np.asarray(box, dtype=np.float64).reshape(4)
     sx, sy = geometry.scale_xy
@@ -239,6 +289,37 @@ def widen_box(box: np.ndarray, geometry: SliceGeometry, fraction: float, min_mod
 
 
 def clip_box(box: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Clip a box that overlaps the slice to its bounds (a box dragged past the edge is still meant)."""
-    x0, y0, x1, y1 = np.asarray(box, dtype=np.float64).reshape(4)
+    """Clip a box that overlaps the slice to its bounds (a box dragged past the edge is still meant).
+
+    Only the sides past the edge move: (x0, y0) up to 0, (x1, y1) down to the last pixel.
+
+    Args:
+        box: (x0, y0, x1, y1) in slice pixels, or an (N, 4) array of such boxes.
+        height: slice rows.
+        width: slice columns.
+
+    Returns:
+        float64 (4,) for one box, (N, 4) for an (N, 4) array.
+    """
+    b = np.asarray(box, dtype=np.float64)
+    if b.ndim == 2:
+        return np.stack([np.maximum(b[:, 0], 0.0), np.maximum(b[:, 1], 0.0), np.minimum(b[:, 2], width - 1.0),
+                         np.minimum(b[:, 3], height - 1.0)], axis=1)
+    x0, y0, x1, y1 = b.reshape(4)
     return np.array([max(x0, 0.0), max(y0, 0.0), min(x1, width - 1.0), min(y1, height - 1.0)])
+
+
+def mask_bbox(mask: np.ndarray) -> np.ndarray | None:
+    """The bounding box of a 2D mask.
+
+    Args:
+        mask: (H, W); nonzero is inside.
+
+    Returns:
+        int64 (x0, y0, x1, y1): the first and last column and row that hold mask pixels
+        (inclusive, so the box is ``x1 - x0 + 1`` pixels wide); None for an empty mask.
+    """
+    ys, xs = np.nonzero(mask)
+    if not len(xs):
+        return None
+    return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.int64)

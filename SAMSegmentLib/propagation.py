@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from .errors import PromptError, SAMSegmentError, VolumeError
+from .metrics import dice, iou
+from .preprocessing import clip_box, mask_bbox
 from .prompts import Prompts
 from .session_protocol import SessionProtocol
 from .volume import SliceRef, slice_shape
@@ -126,14 +128,13 @@ class PromptPolicy:
             (name, box prompt, mask input or None) per candidate; the default policy gives its
             loose box only (``propagate`` builds the tight track itself).
         """
-        ys, xs = np.nonzero(prev_mask)
         h, w = prev_mask.shape
-        x0, x1, y0, y1 = xs.min(), xs.max(), ys.min(), ys.max()
+        x0, y0, x1, y1 = mask_bbox(prev_mask)
         out = []
         for pad_px, pad_frac in self.paddings if self.paddings is not None else ((self.safe_padding, 0.0),):
             px = max(pad_px, pad_frac * (x1 - x0 + 1))
             py = max(pad_px, pad_frac * (y1 - y0 + 1))
-            box = np.array([max(x0 - px, 0.0), max(y0 - py, 0.0), min(x1 + px, w - 1.0), min(y1 + py, h - 1.0)])
+            box = clip_box(np.array([x0 - px, y0 - py, x1 + px, y1 + py]), h, w)
             name = f"box+{pad_px:g}px/{pad_frac:.0%}"
             out.append((name, Prompts(box=box), None))
             if self.use_mask_input and prev_low_res is not None:
@@ -244,20 +245,6 @@ class PropagatedSlice(NamedTuple):
     index: int
     mask: np.ndarray  # bool (H, W)
     outcome: SliceOutcome
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice overlap of two bool masks (1.0 when both are empty)."""
-    sa, sb = int(np.count_nonzero(a)), int(np.count_nonzero(b))
-    if sa + sb == 0:
-        return 1.0
-    return 2.0 * int(np.count_nonzero(a & b)) / (sa + sb)
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    """Intersection over union of two bool masks (1.0 when both are empty)."""
-    union = int(np.count_nonzero(a | b))
-    return 1.0 if union == 0 else int(np.count_nonzero(a & b)) / union
 
 
 def intensity_agreement(image: np.ndarray, mask: np.ndarray, value_range: tuple[float, float]) -> float:

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +33,8 @@ import numpy as np
 
 from .automatic import EverythingParams, Region, everything_slice
 from .errors import ImageIOError, SAMSegmentError
+from .files import IMAGE_EXTENSIONS, atomic_write_text, image_suffix
+from .session_protocol import SessionProtocol
 from .volume import SliceRef, set_slice
 from .worker import CancelToken, ProgressCallback
 
@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 
 CHANNEL_SUFFIXES = ("_0000", "_0001", "_0002")  # intensity, segmentation prior, boundary prior
 MARKER_SUFFIX = ".samaug.json"
-INPUT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 def outer_boundary(mask: np.ndarray) -> np.ndarray:
@@ -79,7 +78,7 @@ def priors_from_regions(regions: Sequence[Region], shape: tuple[int, int]) -> tu
     return seg, boundary.astype(np.float32)
 
 
-def samaug_maps(session: Any, ref: SliceRef, params: EverythingParams | None = None,
+def samaug_maps(session: SessionProtocol, ref: SliceRef, params: EverythingParams | None = None,
                 regions: Sequence[Region] | None = None,
                 cancel: CancelToken | None = None) -> tuple[np.ndarray, np.ndarray]:
     """SAMAug priors of one slice.
@@ -100,7 +99,7 @@ def samaug_maps(session: Any, ref: SliceRef, params: EverythingParams | None = N
     return priors_from_regions(regions, session.slice_image(ref).shape)
 
 
-def samaug_volume(session: Any, axis: int = 0, params: EverythingParams | None = None,
+def samaug_volume(session: SessionProtocol, axis: int = 0, params: EverythingParams | None = None,
                   progress: ProgressCallback | None = None,
                   cancel: CancelToken | None = None) -> tuple[np.ndarray, np.ndarray]:
     """SAMAug priors of every slice along ``axis``.
@@ -141,11 +140,8 @@ def case_name(path: str | Path) -> str:
     Returns:
         The case id.
     """
-    name = Path(path).name
-    for ext in INPUT_EXTENSIONS:
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return Path(path).stem
+    name, ext = Path(path).name, image_suffix(path)
+    return name[: -len(ext)] if ext in IMAGE_EXTENSIONS else Path(path).stem
 
 
 def output_paths(out_dir: str | Path, case: str, extension: str = ".nii.gz") -> list[Path]:
@@ -163,7 +159,15 @@ def output_paths(out_dir: str | Path, case: str, extension: str = ".nii.gz") -> 
 
 
 def marker_path(out_dir: str | Path, case: str) -> Path:
-    """The completion marker of ``case`` in ``out_dir``."""
+    """The completion marker of ``case`` in ``out_dir``.
+
+    Args:
+        out_dir: the output folder.
+        case: the case name (``case_name``).
+
+    Returns:
+        The marker's path (written last, so its presence means the case is complete).
+    """
     return Path(out_dir) / f"{case}{MARKER_SUFFIX}"
 
 
@@ -179,19 +183,6 @@ def is_finished(out_dir: str | Path, case: str, extension: str = ".nii.gz") -> b
         True when the case's completion marker and all three files exist (a half-written case is not).
     """
     return marker_path(out_dir, case).is_file() and all(p.is_file() for p in output_paths(out_dir, case, extension))
-
-
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def write_samaug(out_dir: str | Path, case: str, volume: np.ndarray, seg_prior: np.ndarray,
@@ -227,7 +218,7 @@ def write_samaug(out_dir: str | Path, case: str, volume: np.ndarray, seg_prior: 
     sio.write_volume(paths[2], boundary_prior, geometry, overwrite=True, source_paths=sources)
     payload = {"case": case, "files": [p.name for p in paths], "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
                **(info or {})}
-    _write_json_atomic(marker, payload)
+    atomic_write_text(marker, json.dumps(payload, indent=1))
     return paths
 
 
@@ -248,9 +239,9 @@ def find_inputs(folder: str | Path) -> list[Path]:
         raise ImageIOError(f"{folder} is not a folder", "give a folder that holds the volumes (.nii.gz, .nrrd, .mha)")
     files = sorted(p for p in folder.iterdir()
                    if p.is_file() and not p.name.startswith(".") and any(p.name.lower().endswith(e)
-                                                                         for e in INPUT_EXTENSIONS))
+                                                                         for e in IMAGE_EXTENSIONS))
     if not files:
-        raise ImageIOError(f"No volumes found in {folder}", f"put image files ({', '.join(INPUT_EXTENSIONS)}) there")
+        raise ImageIOError(f"No volumes found in {folder}", f"put image files ({', '.join(IMAGE_EXTENSIONS)}) there")
     return files
 
 
@@ -264,7 +255,7 @@ class BatchSummary:
     seconds: float
 
 
-def samaug_batch(inputs: Sequence[str | Path], out_dir: str | Path, session: Any, axis: int = 0,
+def samaug_batch(inputs: Sequence[str | Path], out_dir: str | Path, session: SessionProtocol, axis: int = 0,
                  params: EverythingParams | None = None, window: Any = None, modality: str = "auto",
                  redo: bool = False, progress: ProgressCallback | None = None,
                  slice_progress: ProgressCallback | None = None,

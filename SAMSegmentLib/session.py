@@ -33,12 +33,11 @@ import numpy as np
 
 from .backends import SamBackend
 from .cache import DEFAULT_BUDGET_BYTES, CacheKey, EmbeddingCache
-from .errors import PromptError, SAMSegmentError, VolumeError
+from .errors import SAMSegmentError, VolumeError
 from .model_registry import default_model_id
-from .preprocessing import (IntensityWindow, SliceGeometry, auto_window, clip_box, validate_prompt_geometry,
-                            widen_box)
-from .prompts import Prompts
-from .volume import SliceRef, check_slice_ref, get_slice, slice_shape, validate_volume, volume_signature
+from .preprocessing import IntensityWindow, SliceGeometry, auto_window, widen_box
+from .prompts import Prompts, check_prompts, require_box
+from .volume import SliceRef, check_slice_ref, constant_slice_error, get_slice, slice_shape, validate_volume, volume_signature
 from .worker import (PRIORITY_INTERACTIVE, PRIORITY_PREFETCH, PRIORITY_PROPAGATION, CancelToken, InferenceWorker,
                      ProgressCallback)
 
@@ -512,15 +511,7 @@ class SegmentationSession:
 
     # ------------------------------------------------------------------ prompting
     def _check_prompts(self, ref: SliceRef, prompts: Prompts, state: VolumeState) -> Prompts:
-        h, w = state.slice_size(ref)
-        if prompts.is_empty:
-            raise PromptError("No prompt given", "click an include point or drag a box on the structure")
-        if not prompts.has_include:
-            raise PromptError("Only exclude points were given; SAM needs to know what to include",
-                              "add an include point or a box on the structure")
-        validate_prompt_geometry(h, w, prompts.points, prompts.box)
-        box = None if prompts.box is None else clip_box(prompts.box, h, w)
-        return Prompts(prompts.points, prompts.labels, box)
+        return check_prompts(prompts, *state.slice_size(ref))
 
     def decode(self, ref: SliceRef, prompts: Prompts, mask_input: Any = None, priority: int = PRIORITY_INTERACTIVE,
                record: bool = False) -> Prediction:
@@ -548,9 +539,7 @@ class SegmentationSession:
                 record: bool) -> Prediction:
         prompts = self._check_prompts(ref, prompts, state)
         if state.is_constant(ref):
-            value = int(state.slice_image(ref).flat[0])
-            raise VolumeError(f"Slice {ref.index} along axis {ref.axis} is constant after windowing (all {value}); "
-                              "there is nothing to segment on it", "choose another slice or widen the intensity window")
+            raise constant_slice_error(ref, state.slice_image(ref))
         key = state.key(ref)
 
         def run() -> Prediction:
@@ -611,10 +600,8 @@ class SegmentationSession:
             previous = history[-1] if history else None
         check_slice_ref(state.shape, ref)
         if self.backend.spec.needs_box and prompts.box is None and len(prompts.points):
-            self._check_prompts(ref, prompts, state)  # a point outside the slice is reported as such first
-            raise PromptError(f"{self.backend.spec.name} segments from a box; points alone give no reliable mask",
-                              "drag a box around the structure first (points then refine it), "
-                              "or choose a SAM model for click-only prompts")
+            # a point outside the slice is reported as such first
+            require_box(self.backend.spec, self._check_prompts(ref, prompts, state))
         if prompts.box is not None and self.box_margin > 0.0:
             checked = self._check_prompts(ref, prompts, state)  # a zero-area or outside box is refused as drawn
             prompts = Prompts(checked.points, checked.labels, self._user_box(state, ref, checked.box))

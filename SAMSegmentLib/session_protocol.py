@@ -30,7 +30,7 @@ class SessionProtocol(Protocol):
     Used by: propagation (``shape``, ``slice_image``, ``is_constant``, ``encode_async``,
     ``decode``); everything mode (``shape``, ``is_constant``, ``backend``, ``worker``,
     ``embedding``, ``geometry``); SAMAug (everything mode's members, ``slice_image``, and for a
-    batch ``set_volume`` and ``model_id``); prompt uncertainty (``shape``, ``slice_image``,
+    batch ``set_volume`` and ``model_id``); prompt uncertainty (``shape``, ``slice_image``, ``is_constant``,
     ``backend``, ``user_box``, ``worker``, ``embedding``, ``geometry``).
     """
 

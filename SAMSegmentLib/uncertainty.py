@@ -17,14 +17,13 @@ Seeded (``seed``) so a result is reproducible.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
-from .errors import PromptError, SAMSegmentError
-from .preprocessing import clip_box, validate_prompt_geometry
-from .prompts import Prompts
-from .volume import SliceRef, check_slice_ref
+from .errors import SAMSegmentError
+from .preprocessing import mask_bbox
+from .prompts import Prompts, check_prompts, require_box
+from .session_protocol import SessionProtocol
+from .volume import SliceRef, check_slice_ref, constant_slice_error
 from .worker import PRIORITY_INTERACTIVE
 
 MEASURES = ("entropy", "variance")
@@ -113,7 +112,7 @@ def uncertainty_from_probabilities(probs: np.ndarray, measure: str = "entropy") 
     return mean.astype(np.float32), unc.astype(np.float32)
 
 
-def prompt_uncertainty(session: Any, ref: SliceRef, prompts: Prompts, n: int = 16, jitter: float = 0.1,
+def prompt_uncertainty(session: SessionProtocol, ref: SliceRef, prompts: Prompts, n: int = 16, jitter: float = 0.1,
                        seed: int = 0, measure: str = "entropy") -> tuple[np.ndarray, np.ndarray]:
     """Mean probability and uncertainty maps over ``n`` jittered copies of a prompt.
 
@@ -133,24 +132,21 @@ def prompt_uncertainty(session: Any, ref: SliceRef, prompts: Prompts, n: int = 1
         (mean probability, uncertainty), float32 (H, W).
 
     Raises:
-        PromptError: nothing to include, or points only for a box-only model.
-        SAMSegmentError: a constant slice, or invalid ``n``, ``jitter`` or ``measure``.
+        PromptError: as for ``SegmentationSession.predict``: no prompt, only exclude points, a
+            prompt outside the slice, or points only for a box-only model.
+        VolumeError: the slice is outside the volume, or constant after windowing.
+        SAMSegmentError: invalid ``n``, ``jitter`` or ``measure``.
     """
     check_slice_ref(session.shape, ref)
     image = session.slice_image(ref)
     h, w = image.shape
-    if prompts.is_empty or not prompts.has_include:
-        raise PromptError("Uncertainty needs a prompt with something to include", "give a box or an include point")
-    validate_prompt_geometry(h, w, prompts.points, prompts.box)
-    if session.backend.spec.needs_box and prompts.box is None:
-        raise PromptError(f"{session.backend.spec.name} segments from a box; jittered points alone say nothing",
-                          "give a box around the structure")
-    if int(image.min()) == int(image.max()):
-        raise SAMSegmentError(f"Slice {ref.index} is constant after windowing; nothing to segment",
-                              "choose another slice or widen the intensity window")
+    checked = check_prompts(prompts, h, w)  # the session's own checks, as for ``predict``
+    require_box(session.backend.spec, checked)
+    if session.is_constant(ref):
+        raise constant_slice_error(ref, image)
     # jitter around the box ``predict`` decodes (with the model's margin), not the one drawn
-    box = None if prompts.box is None else session.user_box(ref, clip_box(prompts.box, h, w))
-    base = Prompts(prompts.points, prompts.labels, box)
+    box = None if checked.box is None else session.user_box(ref, checked.box)
+    base = Prompts(checked.points, checked.labels, box)
 
     def run() -> tuple[np.ndarray, np.ndarray]:
         import torch
@@ -166,9 +162,9 @@ def prompt_uncertainty(session: Any, ref: SliceRef, prompts: Prompts, n: int = 1
             low, _ = backend.decode_batch(emb, geom, base.points[None], base.labels[None], features_key=key)
             with torch.inference_mode():
                 mask = (geom.low_res_to_slice(low.float().cpu(), LOW_RES_SIZE)[0, 0] > 0).numpy()
-            if mask.any():
-                ys, xs = np.nonzero(mask)
-                point_scale = (float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1))
+            bbox = mask_bbox(mask)
+            if bbox is not None:
+                point_scale = (float(bbox[2] - bbox[0] + 1), float(bbox[3] - bbox[1] + 1))
         samples = jitter_prompts(base, n, jitter, seed, h, w, point_scale)
         points = np.stack([s.points for s in samples]) if len(base.points) else None
         labels = np.stack([s.labels for s in samples]) if len(base.points) else None

@@ -76,6 +76,21 @@ def validate_volume(volume: np.ndarray, name: str = "volume") -> np.ndarray:
     return arr
 
 
+def constant_slice_error(ref: SliceRef, image: np.ndarray) -> VolumeError:
+    """The error for a prompt on a slice that is one value after windowing.
+
+    Args:
+        ref: the slice.
+        image: its windowed image (every pixel equal).
+
+    Returns:
+        The ``VolumeError`` to raise.
+    """
+    value = int(np.asarray(image).flat[0])
+    return VolumeError(f"Slice {ref.index} along axis {ref.axis} is constant after windowing (all {value}); "
+                       "there is nothing to segment on it", "choose another slice or widen the intensity window")
+
+
 def check_slice_ref(shape: tuple[int, ...], ref: SliceRef) -> None:
     """Raise a clear error if ``ref`` does not name a usable slice of a volume of ``shape``.
 

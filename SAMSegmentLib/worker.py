@@ -162,7 +162,7 @@ class InferenceWorker:
             if future.set_running_or_notify_cancel():
                 try:
                     result = fn()
-                except BaseException as exc:  # delivered to the waiting caller
+                except BaseException as exc:  # noqa: BLE001 - delivered to the waiting caller
                     future.set_exception(exc)
                 else:
                     future.set_result(result)

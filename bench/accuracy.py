@@ -28,7 +28,9 @@ import numpy as np
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 from SAMSegmentLib import io as sio  # noqa: E402
-from SAMSegmentLib.propagation import PromptPolicy, dice, propagate  # noqa: E402
+from SAMSegmentLib.metrics import dice  # noqa: E402
+from SAMSegmentLib.preprocessing import mask_bbox  # noqa: E402
+from SAMSegmentLib.propagation import PromptPolicy, propagate  # noqa: E402
 from SAMSegmentLib.prompts import Prompts  # noqa: E402
 from SAMSegmentLib.session import SegmentationSession  # noqa: E402
 from SAMSegmentLib.volume import SliceRef  # noqa: E402
@@ -47,11 +49,6 @@ FIXED = {"dice_loose_box_only": LOOSE_ONLY,
          "dice_fixed_10pct": PromptPolicy(paddings=((0.0, 0.10),), mask_threshold=0.0)}
 
 
-def box_of(mask2d: np.ndarray) -> list[float]:
-    ys, xs = np.nonzero(mask2d)
-    return [float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())]
-
-
 def evaluate(session: SegmentationSession, labels: np.ndarray, value: int) -> dict:
     ref3 = labels == value
     if not ref3.any():
@@ -59,11 +56,11 @@ def evaluate(session: SegmentationSession, labels: np.ndarray, value: int) -> di
     k = int(ref3.sum(axis=(1, 2)).argmax())
     t0 = time.perf_counter()
     calls_before = session.encode_count
-    anchor = session.predict(SliceRef(0, k), Prompts(box=box_of(ref3[k]))).mask
+    anchor = session.predict(SliceRef(0, k), Prompts(box=mask_bbox(ref3[k]))).mask
     result = propagate(session, 0, {k: anchor})
     seg = result.to_volume(labels.shape, {k: anchor})
     seconds = time.perf_counter() - t0
-    drawn = session.decode(SliceRef(0, k), Prompts(box=box_of(ref3[k]))).mask  # no margin
+    drawn = session.decode(SliceRef(0, k), Prompts(box=mask_bbox(ref3[k]))).mask  # no margin
     as_drawn = propagate(session, 0, {k: drawn}).to_volume(labels.shape, {k: drawn})
     fixed = {"dice_box_as_drawn": round(dice(as_drawn, ref3), 4)}
     for key, policy in FIXED.items():
@@ -71,7 +68,7 @@ def evaluate(session: SegmentationSession, labels: np.ndarray, value: int) -> di
         fixed[key] = round(dice(other.to_volume(labels.shape, {k: anchor}), ref3), 4)
     oracle, oracle_drawn = np.zeros_like(ref3), np.zeros_like(ref3)
     for i in np.nonzero(ref3.any(axis=(1, 2)))[0]:
-        box = Prompts(box=box_of(ref3[i]))
+        box = Prompts(box=mask_bbox(ref3[i]))
         oracle[i] = session.predict(SliceRef(0, int(i)), box, refine=False).mask
         oracle_drawn[i] = session.decode(SliceRef(0, int(i)), box).mask
     switched = sorted(i for i, o in result.outcomes.items() if "shrank" in o.candidate)
@@ -97,7 +94,7 @@ def held_out(session: SegmentationSession, labels: np.ndarray, names: dict[str, 
         if structure in tuned or np.count_nonzero(areas) < 4 or areas.max() < 100:
             continue
         k = int(areas.argmax())
-        box = Prompts(box=box_of(ref3[k]))
+        box = Prompts(box=mask_bbox(ref3[k]))
         anchors = {"widened": session.predict(SliceRef(0, k), box).mask, "as_drawn": session.decode(SliceRef(0, k), box).mask}
         for anchor_kind, anchor in anchors.items():
             row: dict = {"structure": structure, "anchor": anchor_kind}

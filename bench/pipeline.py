@@ -34,6 +34,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from SAMSegmentLib.metrics import dice
+from SAMSegmentLib.preprocessing import clip_box, mask_bbox
+
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -46,16 +49,9 @@ def pct(values: list[float], q: float, scale: float = 1000.0, digits: int = 1) -
     return round(float(np.percentile(np.asarray(values), q)) * scale, digits)
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
-
-
 def box_of(mask: np.ndarray, pad: float = 2.0) -> np.ndarray:
-    ys, xs = np.nonzero(mask)
-    h, w = mask.shape
-    return np.array([max(xs.min() - pad, 0.0), max(ys.min() - pad, 0.0), min(xs.max() + pad, w - 1.0),
-                     min(ys.max() + pad, h - 1.0)])
+    """The mask's bounding box widened by ``pad`` px on each side, clipped to the slice."""
+    return clip_box(mask_bbox(mask) + np.array([-pad, -pad, pad, pad]), *mask.shape)
 
 
 def realistic_volume(slices: int = 200, size: int = 512) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
@@ -164,7 +160,7 @@ def main() -> None:
             uncached, encodes = [], []
             offsets = [d * sign for d in range(7, 7 * (args.uncached + 2), 7) for sign in (1, -1)]
             fresh = [k0 + d for d in offsets if 0 <= k0 + d < len(areas) and areas[k0 + d] > 0][:args.uncached]
-            for i, k in enumerate(fresh):
+            for k in fresh:
                 p = Prompts(box=box_of(liver[k]))
                 n_before = s.encode_count
                 t0 = time.perf_counter()
@@ -365,7 +361,7 @@ def encoder_variants(backends: dict[str, Any], windowed: np.ndarray, lab: np.nda
     reference = embeddings["eager_fp32"]
     for name in embeddings:
         dices = []
-        for k, organ, box in prompts:
+        for k, _organ, box in prompts:
             if k not in embeddings[name]:
                 continue
             g = eager.geometry(*windowed[k].shape)

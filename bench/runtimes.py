@@ -27,16 +27,13 @@ import warnings
 
 import numpy as np
 
+from SAMSegmentLib.metrics import dice
+
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def pct(values: list[float], q: float, scale: float = 1.0, digits: int = 1) -> float:
     return round(float(np.percentile(np.asarray(values), q)) * scale, digits)
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
 def reference_prompts(lab: np.ndarray, names: dict[str, int], n_slices: int, per_slice: int = 3,
@@ -76,7 +73,7 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from SAMSegmentLib import runtimes, sample_data
+    from SAMSegmentLib import sample_data
     from SAMSegmentLib.backends import SamBackend
     from SAMSegmentLib.preprocessing import IntensityWindow
     from SAMSegmentLib.prompts import Prompts

@@ -69,10 +69,6 @@ class PropagationJob:
     thread: threading.Thread | None = None
     finished: bool = False  # set by poll() once the thread ended and every slice is written
 
-    @property
-    def running(self) -> bool:
-        return not self.finished
-
 
 @dataclass
 class BackgroundTask:
@@ -184,7 +180,6 @@ class SAMSegmentCore:
                 work.cancel.cancel()
                 work.finished = True
         self.cancel_requests()
-        self._job = None
         self.prompts.unobserve()
         self.prompts = MarkupsPrompts(self.scene)
         self.current, self.current_view = None, None
@@ -209,7 +204,7 @@ class SAMSegmentCore:
             segmentation_node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
                                                              f"{volume_node.GetName()} segmentation")
             segmentation_node.CreateDefaultDisplayNodes()
-        changed_volume = volume_node is not self.volume_node or window != getattr(self, "_window_request", None)
+        changed_volume = volume_node is not self.volume_node or window != self._window_request
         if self.writer is not None and (self.writer.segmentation_node is not segmentation_node
                                         or self.writer.volume_node is not volume_node
                                         or (sink is not None and sink is not self.writer.sink)):
@@ -255,7 +250,7 @@ class SAMSegmentCore:
             self.load_model()
         if self.volume_node is None or self.writer is None:
             raise SAMSegmentError("No source volume/segmentation selected", "call set_inputs(volume, segmentation)")
-        if self.session._volume is None:
+        if not self.session.has_volume:
             self._load_volume()
 
     # ---------------------------------------------------------------- views
@@ -489,7 +484,6 @@ class SAMSegmentCore:
 
         job.thread = threading.Thread(target=run, name="samsegment-propagation", daemon=True)
         job.thread.start()
-        self._job = job
         return job
 
     def poll_propagation(self, job: PropagationJob) -> list[int]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .segment_io import oriented_labelmap, slice_slab
+from .segment_io import oriented_labelmap, remove_with_display, slice_slab
 
 PREVIEW_NODE_NAME = "SAMSegment preview"
 UNCERTAINTY_SEGMENT = "uncertain"
@@ -89,9 +89,6 @@ class PreviewOverlay:
 
     def remove(self) -> None:
         if self.node is not None and self.node.GetScene() is self.scene:
-            display = self.node.GetDisplayNode()
-            self.scene.RemoveNode(self.node)
-            if display is not None and display.GetScene() is not None:
-                self.scene.RemoveNode(display)
+            remove_with_display(self.scene, self.node)
         self.node = None
         self.slice = None

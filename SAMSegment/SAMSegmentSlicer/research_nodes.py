@@ -18,6 +18,7 @@ from SAMSegmentLib.volume import SliceRef, set_slice
 from SAMSegmentLib.worker import CancelToken
 
 from .geometry import ViewSlice
+from .segment_io import remove_with_display
 
 # Entropy (bits) above which a pixel counts as uncertain in the overlay: the jittered prompts
 # disagree on it at least ~1 time in 9 (H(0.11) = 0.5 bit).
@@ -49,10 +50,7 @@ def labels_to_segmentation(scene, source_volume, labels: np.ndarray, name: str):
         if labels.any():
             slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, seg)
     finally:
-        display = labelmap.GetDisplayNode()
-        scene.RemoveNode(labelmap)
-        if display is not None and display.GetScene() is not None:
-            scene.RemoveNode(display)
+        remove_with_display(scene, labelmap)
     return seg
 
 
@@ -107,13 +105,6 @@ def priors_to_volumes(core: Any, seg_prior: np.ndarray, boundary_prior: np.ndarr
         node.CreateDefaultDisplayNodes()
         nodes.append(node)
     return nodes[0], nodes[1]
-
-
-def samaug_to_volumes(core: Any, axis: int = 0, params: Any = None,
-                      progress: Callable[[int, int, str], None] | None = None,
-                      cancel: CancelToken | None = None) -> tuple[Any, Any]:
-    """SAMAug segmentation-prior and boundary-prior maps as two new volumes beside the source; blocking."""
-    return priors_to_volumes(core, *samaug_arrays(core, axis, params, progress, cancel))
 
 
 def show_uncertainty(core: Any, view: ViewSlice | None = None, prompts: Prompts | None = None, n: int = 16,

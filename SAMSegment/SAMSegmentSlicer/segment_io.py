@@ -155,6 +155,16 @@ def on_modifier_geometry(labelmap, geometry):
     return output
 
 
+def remove_with_display(scene, node) -> None:
+    """Remove ``node`` and its display node from ``scene`` (a scene keeps an orphaned display node)."""
+    if node is None or node.GetScene() is None:
+        return
+    display = node.GetDisplayNode()
+    scene.RemoveNode(node)
+    if display is not None and display.GetScene() is not None:
+        scene.RemoveNode(display)
+
+
 def slice_slab(mask2d: np.ndarray, axis: int, index: int) -> tuple[np.ndarray, tuple[int, int, int]]:
     """A 2D slice mask as a one-voxel-thick (K, J, I) slab and its voxel offset."""
     slab = np.expand_dims(np.asarray(mask2d, dtype=np.uint8), axis)
@@ -351,7 +361,4 @@ def segment_array(segmentation_node, segment_id: str, volume_node) -> np.ndarray
         arr = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1])
         return (arr != 0).astype(np.uint8)
     finally:
-        display = labelmap.GetDisplayNode()
-        scene.RemoveNode(labelmap)
-        if display is not None and display.GetScene() is not None:
-            scene.RemoveNode(display)
+        remove_with_display(scene, labelmap)

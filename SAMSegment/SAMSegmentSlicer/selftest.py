@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from SAMSegmentLib.metrics import dice
+
 from .geometry import ijk_to_ras, vtk_to_numpy_matrix
 from .segment_io import segment_array
 
@@ -101,11 +103,6 @@ def slice_node_through(scene, volume_node, orientation: str, ras: np.ndarray, no
     node.JumpSliceByCentering(*map(float, ras))
     node.UpdateMatrices()
     return node
-
-
-def dice(a, b) -> float:
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    return 2 * np.count_nonzero(a & b) / max(1, int(a.sum() + b.sum()))
 
 
 def block_corners_ras(volume, truth, axis: int, index: int, margin: int = 1) -> np.ndarray:

@@ -30,6 +30,7 @@ if _MODULE_DIR not in sys.path:  # the SAMSegmentSlicer package sits beside this
 
 from SAMSegmentSlicer.effect_interaction import EffectController, EffectSink  # noqa: E402
 from SAMSegmentSlicer.logic import SAMSegmentCore  # noqa: E402
+from SAMSegmentSlicer.status import show_status  # noqa: E402
 from SAMSegmentLib.errors import SAMSegmentError  # noqa: E402
 
 
@@ -77,8 +78,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def _status(self, text, error=False):
         if hasattr(self, "statusLabel"):
-            self.statusLabel.setText(text)
-            self.statusLabel.setStyleSheet("color: #c0392b" if error else "")
+            show_status(self.statusLabel, text, error)
 
     # ---------------------------------------------------------------- lifecycle
     def activate(self):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from SAMSegmentLib.metrics import dice  # noqa: F401 - tests import it from here
+from SAMSegmentLib.preprocessing import mask_bbox
+
 
 def ellipsoid_ct(shape: tuple[int, int, int] = (24, 96, 112), center: tuple[float, float, float] | None = None,
                  radii: tuple[float, float, float] = (8.0, 26.0, 32.0), organ_hu: float = 60.0,
@@ -28,13 +31,8 @@ def ellipsoid_ct(shape: tuple[int, int, int] = (24, 96, 112), center: tuple[floa
 
 
 def box_of(mask2d: np.ndarray) -> list[float]:
-    ys, xs = np.nonzero(mask2d)
-    return [float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())]
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    s = int(a.sum()) + int(b.sum())
-    return 1.0 if s == 0 else 2.0 * int((a & b).sum()) / s
+    """The mask's bounding box (x0, y0, x1, y1) as the box prompt a user would drag."""
+    return mask_bbox(mask2d).astype(float).tolist()
 
 
 def disks_ct(shape: tuple[int, int, int] = (2, 96, 96),
