@@ -1,35 +1,13 @@
-"""Shared fixtures: the real LiteMedSAM backend (loaded once), sample data, phantoms."""
+"""Fixtures of the engine tests: sessions, sample data, phantoms.
+
+The LiteMedSAM backends (``backend`` = the default runtime, ``eager_backend``, ``onnx_backend``)
+are in Testing/conftest.py, shared with the Slicer-side tests.
+"""
 
 from __future__ import annotations
 
-import os
-import sys
-import warnings
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-# Exported ONNX graphs go to the (git-ignored) pytest cache of this checkout, not the user's
-# ~/.cache: tests never touch a user's real cache, and reruns still reuse the graphs.
-os.environ.setdefault("SAMSEGMENT_CACHE", str(HERE.parents[1] / ".pytest_cache" / "samsegment"))
-warnings.filterwarnings("ignore", category=FutureWarning, module="timm")
-
-
-def shared_data_dir() -> Path:
-    return Path(os.environ.get("SAMSEGMENT_DATA", HERE.parents[2] / "shared" / "data"))
-
-
-@pytest.fixture(scope="session")
-def backend():
-    import torch
-
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    from SAMSegmentLib.backends import SamBackend
-
-    return SamBackend.from_model_id("litemedsam", device="cpu")
 
 
 @pytest.fixture

@@ -16,13 +16,10 @@ from SAMSegmentLib.automatic import (EverythingParams, Region, _link, everything
                                      grid_boxes, grid_points, label_volume_from_regions, mask_nms, regions_to_labels,
                                      stability_scores)
 from SAMSegmentLib.errors import CancelledError
+from SAMSegmentLib.metrics import iou
 from SAMSegmentLib.volume import SliceRef
 
 SMALL = EverythingParams(points_per_side=5, box_scales=(0.25,))
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a & b).sum() / max(1, (a | b).sum()))
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +94,7 @@ def test_regions_to_labels_keeps_small_regions_on_top():
 
 
 # ------------------------------------------------------------------------------------------ model
+@pytest.mark.slow  # everything mode
 def test_grid_decodes_go_through_the_backend_only(disk_session, monkeypatch):
     """Everything mode decodes through ``SamBackend.decode_batch`` (never the network's modules),
     with the path and batch size of its parameters."""
@@ -124,6 +122,7 @@ def test_grid_decodes_go_through_the_backend_only(disk_session, monkeypatch):
     assert len({id(c[2]) for c in calls}) == 1  # one features key for the whole slice
 
 
+@pytest.mark.slow  # everything mode
 def test_everything_finds_each_separate_disk(disk_regions, disks):
     _, masks = disks
     assert disk_regions, "no region found"
@@ -144,6 +143,7 @@ def test_everything_finds_each_separate_disk(disk_regions, disks):
             assert iou(disk_regions[i].mask, disk_regions[j].mask) <= SMALL.nms_iou + 1e-6
 
 
+@pytest.mark.slow  # everything mode
 def test_kept_regions_pass_the_quality_and_stability_filters(disk_regions):
     p = SMALL.resolved(needs_box=True)
     assert (p.pred_iou_thresh, p.stability_thresh) == (0.70, 0.80)
@@ -172,6 +172,7 @@ def test_label_volume_linked_or_per_slice():
     assert (along_i[:, :, 2][a] == 1).all() and along_i.sum() == 9 + 2 * 4
 
 
+@pytest.mark.slow  # everything mode
 def test_everything_volume_links_labels_and_reports_progress(disk_session, disks):
     _, masks = disks
     calls = []
@@ -183,6 +184,7 @@ def test_everything_volume_links_labels_and_reports_progress(disk_session, disks
         assert values[0] > 0 and values[0] == values[1]
 
 
+@pytest.mark.slow  # everything mode
 def test_cancel_stops_everything(disk_session):
     from SAMSegmentLib.worker import CancelToken
 
@@ -209,6 +211,7 @@ def test_constant_slice_has_no_regions(backend):
         assert everything_slice(s, SliceRef(0, 0), SMALL) == []
 
 
+@pytest.mark.slow  # everything mode
 def test_batched_and_loop_decoder_paths_find_the_same_regions(disk_session, disk_regions):
     """The eager batches and the one-prompt-per-run loop (ONNX Runtime where the backend has it) find
     the same regions as the default path."""
@@ -220,6 +223,7 @@ def test_batched_and_loop_decoder_paths_find_the_same_regions(disk_session, disk
         assert iou(a.mask, c.mask) > 0.95 and a.score == pytest.approx(c.score, abs=0.02)
 
 
+@pytest.mark.slow  # everything mode
 def test_everything_command_writes_a_label_volume(tmp_path, capsys):
     import SimpleITK as sitk
 

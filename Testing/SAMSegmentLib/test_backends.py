@@ -49,6 +49,7 @@ def upstream_litemedsam_logits(net, img_2d_uint8: np.ndarray, box: np.ndarray) -
     return full[0, 0].numpy()
 
 
+@pytest.mark.slow  # the upstream recipe on full sample-CT slices
 @pytest.mark.parametrize("axis", [0, 1])
 def test_box_prompt_matches_upstream_recipe(backend, session, sample_ct, axis):
     vol, lab, names = sample_ct
@@ -166,6 +167,7 @@ def random_vit_b_checkpoint(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow  # builds a 375 MB ViT-B, loads it twice, a 1024² encode
 def test_vit_b_checkpoint_loads_and_runs_for_sam_and_medsam(random_vit_b_checkpoint):
     assert detect_architecture(load_state_dict(random_vit_b_checkpoint)) == "vit_b"
     # eager: the test is about loading and running; exporting a ViT-B graph would take ~35 s

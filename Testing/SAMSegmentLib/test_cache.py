@@ -45,6 +45,7 @@ def test_lru_eviction_respects_budget_and_recency():
     assert cache.bytes_used <= cache.budget_bytes
 
 
+@pytest.mark.slow
 def test_walking_400_slices_stays_within_budget():
     budget = 64 * EMB_BYTES_FP16 + 123
     cache = EmbeddingCache(budget_bytes=budget)

@@ -23,6 +23,7 @@ def spleen_box():
     return k, [int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())], spleen
 
 
+@pytest.mark.slow  # CLI runs on the sample CT, a new backend each
 def test_segment_writes_one_slice_with_image_geometry(tmp_path, spleen_box, capsys):
     k, box, spleen = spleen_box
     out = tmp_path / "slice.nii.gz"
@@ -41,6 +42,7 @@ def test_segment_writes_one_slice_with_image_geometry(tmp_path, spleen_box, caps
     assert "model score" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # CLI runs on the sample CT, a new backend each
 def test_box_margin_option(tmp_path, spleen_box, capsys):
     """The tight reference box: with LiteMedSAM's default margin the spleen comes out fuller than
     with --box-margin 0 (the box as given); a margin that is not a fraction is refused."""
@@ -57,6 +59,7 @@ def test_box_margin_option(tmp_path, spleen_box, capsys):
     assert "Box margin" in capsys.readouterr().err and not (tmp_path / "x.nii.gz").exists()
 
 
+@pytest.mark.slow  # CLI runs on the sample CT, a new backend each
 def test_lps_prompts_give_the_same_mask_as_voxel_prompts(tmp_path, spleen_box):
     k, box, _ = spleen_box
     src = sitk.ReadImage(IMAGE)  # direction diag(-1, -1, 1): LPS and index axes differ in sign
@@ -70,6 +73,7 @@ def test_lps_prompts_give_the_same_mask_as_voxel_prompts(tmp_path, spleen_box):
     assert a.any() and np.array_equal(a, b)
 
 
+@pytest.mark.slow  # a full propagation on the sample CT, with a new backend
 def test_propagate_and_refuse_overwrite(tmp_path, spleen_box, capsys):
     k, box, spleen = spleen_box
     out = tmp_path / "spleen.nrrd"
@@ -87,6 +91,7 @@ def test_propagate_and_refuse_overwrite(tmp_path, spleen_box, capsys):
     assert main(args + ["--overwrite"]) == 0
 
 
+@pytest.mark.slow  # CLI runs on the sample CT, a new backend each
 def test_output_onto_the_input_is_refused(tmp_path, spleen_box, capsys):
     k, box, _ = spleen_box
     copy = tmp_path / "ct.nii.gz"
@@ -110,6 +115,7 @@ def test_prompt_errors_are_reported(tmp_path, spleen_box, capsys):
     assert not (tmp_path / "x.nii.gz").exists()
 
 
+@pytest.mark.slow  # CLI runs on the sample CT, a new backend each
 def test_embed_then_reuse_cache(tmp_path, spleen_box, capsys):
     k, box, _ = spleen_box
     cache = tmp_path / "cache"
@@ -133,6 +139,7 @@ def test_models_lists_bundled_and_user_models(capsys):
     assert "boxes widened by 10% of their side" in out
 
 
+@pytest.mark.slow  # the demo: a full propagation on the sample CT
 def test_demo_returns_its_results_and_the_cli_prints_them(tmp_path, capsys, monkeypatch):
     """The library's run_demo prints nothing and does not need the CLI (the PNG montage is in io);
     the command prints the Dice from what it returns."""

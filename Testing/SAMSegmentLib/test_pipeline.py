@@ -71,6 +71,7 @@ def test_cached_prompt_does_not_wait_for_running_lookahead_encode(session, phant
     assert max(waits) < 0.5 * one_encode, (waits, one_encode)
 
 
+@pytest.mark.slow  # several encodes queued behind each other
 def test_uncached_prompt_jumps_queued_lookahead(session, phantom, monkeypatch):
     vol, mask = phantom
     session.set_volume(vol)
@@ -124,6 +125,7 @@ def _overlaps(spans_a, spans_b) -> int:
     return sum(1 for a0, a1 in spans_a for b0, b1 in spans_b if a0 < b1 and b0 < a1)
 
 
+@pytest.mark.slow  # two propagations
 def test_pipelined_propagation_overlaps_and_gives_identical_masks(backend, drifting):
     vol, mask = drifting
     box = box_of(mask[12])

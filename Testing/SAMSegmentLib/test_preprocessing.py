@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from SAMSegmentLib.errors import PromptError, VolumeError
 from SAMSegmentLib.preprocessing import (CT_PRESETS, IntensityWindow, SliceGeometry, auto_window, robust_window,

@@ -34,6 +34,7 @@ def anchor_mask(session, mask, k):
     return session.predict(SliceRef(0, k), Prompts(box=box_of(mask[k]))).mask
 
 
+@pytest.mark.slow  # a propagation over the phantom
 def test_both_ways_follows_the_object_and_stops_at_its_ends(moving):
     s, vol, mask = moving
     k = 12
@@ -54,6 +55,7 @@ def test_both_ways_follows_the_object_and_stops_at_its_ends(moving):
     assert set(seen[:2]) == {k - 1, k + 1}
 
 
+@pytest.mark.slow  # propagations over the moving phantom (module fixture)
 def test_direction_range_and_max_slices(moving):
     s, vol, mask = moving
     k = 12
@@ -66,6 +68,7 @@ def test_direction_range_and_max_slices(moving):
     assert down.stops[0].reason == StopReason.RANGE_LIMIT
 
 
+@pytest.mark.slow  # a propagation over the phantom
 def test_volume_edge_when_object_fills_the_volume(backend):
     from SAMSegmentLib.session import SegmentationSession
 
@@ -78,6 +81,7 @@ def test_volume_edge_when_object_fills_the_volume(backend):
         assert {x.reason for x in result.stops} == {StopReason.VOLUME_EDGE}
 
 
+@pytest.mark.slow  # propagations over the moving phantom (module fixture)
 def test_anchors_are_never_overwritten_and_gaps_fill_from_both_ends(moving):
     s, vol, mask = moving
     anchors = {8: anchor_mask(s, mask, 8), 16: anchor_mask(s, mask, 16)}
@@ -98,6 +102,7 @@ def test_anchors_are_never_overwritten_and_gaps_fill_from_both_ends(moving):
     assert seg[8, 0, 0]  # the accepted slice came through unchanged
 
 
+@pytest.mark.slow  # propagations over the moving phantom (module fixture)
 def test_cancel_leaves_a_consistent_partial_result(moving):
     s, vol, mask = moving
     k = 12
@@ -119,6 +124,7 @@ def test_cancel_leaves_a_consistent_partial_result(moving):
     assert idx == list(range(idx[0], idx[-1] + 1))
 
 
+@pytest.mark.slow  # propagations over the moving phantom (module fixture)
 def test_bad_anchor_inputs(moving):
     s, vol, mask = moving
     with pytest.raises(PromptError, match="at least one"):
@@ -133,6 +139,7 @@ def test_bad_anchor_inputs(moving):
         propagate(s, 0, {5: mask[5] | True}, direction="sideways")
 
 
+@pytest.mark.slow  # a propagation over the phantom
 def test_propagation_along_another_axis(backend):
     from SAMSegmentLib.session import SegmentationSession
 
@@ -146,6 +153,7 @@ def test_propagation_along_another_axis(backend):
         assert dice(seg, mask) > 0.9
 
 
+@pytest.mark.slow  # full propagation over the real CT
 @pytest.mark.parametrize("organ, tight, min_dice", [("spleen", False, 0.95), ("kidney_left", True, 0.938)])
 def test_sample_ct_golden(session, sample_ct, organ, tight, min_dice):
     """Regression guard on real data: one box on the organ's largest slice, propagate both ways.
@@ -163,6 +171,7 @@ def test_sample_ct_golden(session, sample_ct, organ, tight, min_dice):
     assert dice(result.to_volume(vol.shape, {k: a}), ref3) >= min_dice
 
 
+@pytest.mark.slow  # a propagation over the phantom
 def test_default_policy_reduces_to_its_fixed_paddings(moving):
     """With its guards forced one way or the other, the default policy writes exactly what the
     fixed tight (2 px) or loose (3 px) policy writes: the loose track follows its own masks."""
@@ -203,6 +212,7 @@ def test_policy_rethresholds_the_chosen_mask_from_its_logits():
     assert PromptPolicy(mask_threshold=0.0).choose(logits > 0, [("a", pred)])[1] is pred
 
 
+@pytest.mark.slow  # a propagation over the phantom
 def test_anchor_on_a_blank_slice_skips_the_tight_box_test(backend, moving):
     """An anchor painted on a slice with no contrast cannot be decoded: the front goes on with
     the loose box (its anchor test reads 0) instead of failing."""
@@ -266,6 +276,7 @@ class CountingSession:
         return self.real.user_box(ref, box)
 
 
+@pytest.mark.slow  # a propagation over the phantom
 def test_propagate_iter_yields_what_propagate_returns_in_decision_order(moving):
     s, _, mask = moving
     k = 12
@@ -292,6 +303,7 @@ def test_propagate_iter_yields_what_propagate_returns_in_decision_order(moving):
         decided.add(index)
 
 
+@pytest.mark.slow  # propagations over the moving phantom (module fixture)
 def test_bad_inputs_are_refused_when_propagate_iter_is_called(moving):
     s, vol, mask = moving
     with pytest.raises(PromptError, match="empty"):
@@ -300,6 +312,7 @@ def test_bad_inputs_are_refused_when_propagate_iter_is_called(moving):
         propagate_iter(s, 0, {5: mask[5] | True}, direction="sideways")
 
 
+@pytest.mark.slow  # propagations over the moving phantom (module fixture)
 def test_cancel_token_ends_the_iteration_with_a_consistent_result(moving):
     s, _, mask = moving
     k = 12
@@ -315,6 +328,7 @@ def test_cancel_token_ends_the_iteration_with_a_consistent_result(moving):
     assert {(x.direction, x.reason) for x in result.stops} == {(1, StopReason.CANCELLED), (-1, StopReason.CANCELLED)}
 
 
+@pytest.mark.slow  # a propagation over the phantom
 @pytest.mark.parametrize("how", ["close", "cancel token", "callback error"])
 def test_stopping_early_leaves_no_work_behind(backend, moving, how):
     """Whichever way a run ends early, its queued look-ahead encodes are dropped, the one running

@@ -19,29 +19,13 @@ from SAMSegmentLib.preprocessing import IntensityWindow
 from SAMSegmentLib.prompts import Prompts
 from SAMSegmentLib.volume import SliceRef
 
+# The whole module is slow: a fresh ONNX export (~10 s), eager/ONNX/stock comparisons on real weights.
+pytestmark = pytest.mark.slow
 needs_ort = pytest.mark.skipif(not runtimes.onnxruntime_available(), reason="onnxruntime is not installed")
 LOGIT_ATOL = 1e-4
 
 
-@pytest.fixture(scope="session")
-def onnx_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("onnx-cache")
-
-
-@pytest.fixture(scope="session")
-def eager_backend():
-    torch.set_num_threads(2)
-    return SamBackend.from_model_id("litemedsam", device="cpu", runtime="eager")
-
-
-@pytest.fixture(scope="session")
-def onnx_backend(onnx_dir):
-    """Exports both graphs once for the whole test session (~10 s on 2 cores)."""
-    torch.set_num_threads(2)
-    backend = SamBackend.from_model_id("litemedsam", device="cpu", runtime="onnx", onnx_cache_dir=onnx_dir)
-    info = backend.prepare_runtime()
-    assert info["encoder"] == info["decoder"] == "onnx", info
-    return backend
+# eager_backend, onnx_backend (with its fresh export) and onnx_dir: Testing/conftest.py
 
 
 @pytest.fixture(scope="session")

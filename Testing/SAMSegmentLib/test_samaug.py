@@ -11,6 +11,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from phantoms import disks_ct
@@ -51,6 +52,7 @@ def test_priors_from_known_regions():
     assert not (bnd[a] > 0).any() and not (bnd[b & ~outer_boundary(c)] > 0).any()
 
 
+@pytest.mark.slow  # everything mode on the disks (shared fixture)
 def test_samaug_maps_of_real_regions(disks_everything):
     s, _, masks, regions = disks_everything
     seg, bnd = samaug_maps(s, SliceRef(0, 0), regions=regions)
@@ -74,6 +76,7 @@ def _write(path, array, spacing=(0.8, 0.7, 2.5), origin=(10.0, -20.0, 5.0)):
     return img
 
 
+@pytest.mark.slow  # everything mode on sample-CT slices
 def test_batch_command_writes_channels_and_resumes(tmp_path, sample_ct, capsys):
     from SAMSegmentLib.cli import main
 

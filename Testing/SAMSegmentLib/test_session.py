@@ -75,6 +75,7 @@ def test_each_slice_is_encoded_once(session, phantom):
     assert session.cache.stats.hits >= 2
 
 
+@pytest.mark.slow  # encodes a neighbourhood of slices
 def test_prefetch_runs_on_the_worker_nearest_first(session, phantom, monkeypatch):
     vol, _ = phantom
     session.set_volume(vol)
@@ -235,11 +236,13 @@ EXIT_ENDINGS = {
 }
 
 
+@pytest.mark.slow  # a subprocess that loads the model again
 @pytest.mark.parametrize("ending", sorted(EXIT_ENDINGS))
 def test_exit_while_prefetching_is_clean(tmp_path, ending):
     """A script must exit normally with encodes in flight, whether it closed its session or not
     (a daemon thread inside torch at interpreter exit aborts the process: the exit hook waits
     for the call in progress)."""
+    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -247,7 +250,6 @@ def test_exit_while_prefetching_is_clean(tmp_path, ending):
     script = tmp_path / "exit.py"
     script.write_text(
         "import sys, threading\n"
-        f"sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
         "from phantoms import disks_ct\n"
         "from SAMSegmentLib.session import SegmentationSession\n"
         "from SAMSegmentLib.prompts import Prompts\n"
@@ -257,6 +259,8 @@ def test_exit_while_prefetching_is_clean(tmp_path, ending):
         "s.set_volume(vol, (-160, 240))\n"
         + EXIT_ENDINGS[ending] + "print('done')\n")
     root = Path(__file__).resolve().parents[2]
-    done = subprocess.run([sys.executable, str(script)], cwd=root, capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), str(Path(__file__).resolve().parent)]))  # phantoms
+    done = subprocess.run([sys.executable, str(script)], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "done"

@@ -89,7 +89,7 @@ def test_set_volume_during_a_decode_keeps_the_decode_on_its_own_volume(backend, 
         def click() -> None:
             try:
                 result["pred"] = s.predict(ref, box)
-            except BaseException as exc:  # reported below
+            except BaseException as exc:  # noqa: BLE001 - reported below
                 result["error"] = exc
 
         caller = threading.Thread(target=click)

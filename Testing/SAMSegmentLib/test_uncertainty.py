@@ -114,6 +114,7 @@ def test_box_model_refuses_points_only(edge_session):
         prompt_uncertainty(s, SliceRef(0, 0), Prompts.from_lists([(48, 48)]), n=4)
 
 
+@pytest.mark.slow  # a CLI run on the sample CT
 def test_uncertainty_command_on_sample_ct(tmp_path, sample_ct, capsys):
     from SAMSegmentLib import sample_data
     from SAMSegmentLib.cli import main

@@ -272,7 +272,7 @@ def test_requirements_resolve_in_slicer_5_10_without_changing_its_packages(tmp_p
                "--retries", "1", "--timeout", "30", "--python-version", SLICER_5_10_PYTHON, "--only-binary=:all:",
                *(arg for tag in LINUX_PLATFORMS for arg in ("--platform", tag)),
                "-c", str(constraints), "-r", str(deps.REQUIREMENTS_FILE), *(f"{n}=={v}" for n, v in TORCH_PINS.items())]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=900)
     output = done.stdout + done.stderr
     unreachable = index_unreachable(output) if done.returncode != 0 else None
     if unreachable:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import add_volume, slice_node_through
+from SAMSegmentSlicer.selftest import add_volume, slice_node_through
 from SAMSegmentSlicer import geometry
 from SAMSegmentSlicer.effect_interaction import Action, ClickInterpreter, EffectController
 from SAMSegmentSlicer.segment_io import segment_array
@@ -32,7 +32,8 @@ def display_xy(node, ras):
     return tuple((np.linalg.inv(m) @ np.r_[ras, 1.0])[:2])
 
 
-@pytest.mark.parametrize("orientation", ["Axial", "Coronal", "Sagittal"])
+@pytest.mark.parametrize("orientation", ["Axial", pytest.param("Coronal", marks=pytest.mark.slow),
+                                         pytest.param("Sagittal", marks=pytest.mark.slow)])
 def test_drag_box_then_exclude_click_then_apply(world, orientation):  # noqa: F811
     scene, core, volume, seg, _, truth = world
     ras, ijk = centre_ras(volume, truth)
@@ -61,6 +62,7 @@ def test_drag_box_then_exclude_click_then_apply(world, orientation):  # noqa: F8
     assert ctl.state is None and core.current is None
 
 
+@pytest.mark.slow  # encodes several slices
 def test_moving_to_another_slice_starts_new_prompts(world):  # noqa: F811
     scene, core, volume, seg, _, truth = world
     ras, ijk = centre_ras(volume, truth)
@@ -118,7 +120,7 @@ def test_mouse_down_starts_encoding_the_slice_shown(world):  # noqa: F811
 def editor(world):  # noqa: F811
     """The Segment Editor showing the world's volume and segmentation with two segments, and an
     effect controller wired to it the way SegmentEditorSAMLib/SegmentEditorEffect.py wires it."""
-    from conftest import ScriptedEffectMirror, SegmentEditorWidgetMirror, segment_editor_singleton
+    from mrml_fixtures import ScriptedEffectMirror, SegmentEditorWidgetMirror, segment_editor_singleton
     from SAMSegmentSlicer.effect_interaction import EffectSink
     from SAMSegmentSlicer.logic import SAMSegmentCore
 
@@ -179,7 +181,7 @@ def test_effect_follows_a_new_source_volume(world, editor):  # noqa: F811
     node.SetAndObserveSourceVolumeNode(other)
     ctl.bind()
     assert ctl.core.volume_node is other and ctl.state is None and ctl.core.current is None
-    assert np.array_equal(ctl.core.session._volume, np.roll(vol, 3, axis=2))
+    assert np.array_equal(ctl.core.session.volume, np.roll(vol, 3, axis=2))
 
 
 def test_effect_edit_lands_on_an_oversampled_segmentation_with_intensity_masking(world, editor):  # noqa: F811

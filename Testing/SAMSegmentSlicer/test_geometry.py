@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import add_volume, slice_node_through
+from SAMSegmentSlicer.selftest import add_volume, slice_node_through
 from SAMSegmentSlicer import geometry
 
 SHAPE = (14, 48, 56)  # K, J, I

@@ -11,17 +11,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import add_volume, box_phantom, slice_node_through
+from SAMSegmentLib.metrics import dice
+from SAMSegmentSlicer.selftest import add_volume, box_phantom, slice_node_through
 from SAMSegmentSlicer import geometry
 from SAMSegmentSlicer.logic import SAMSegmentCore
 from SAMSegmentSlicer.segment_io import segment_array
 
 ORIENTATIONS = {"Axial": 0, "Coronal": 1, "Sagittal": 2}
-
-
-def dice(a, b) -> float:
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    return 2 * np.count_nonzero(a & b) / max(1, a.sum() + b.sum())
 
 
 @pytest.fixture
@@ -37,6 +33,7 @@ def world(mrml, backend):
     seg.CreateDefaultDisplayNodes()
     core = SAMSegmentCore(scene, app)
     session = SegmentationSession(model=backend)
+    session.prefetch = lambda *a, **k: 0  # off: no test reads a neighbour; its encodes outlive the test
     core.use_session(session)
     core.set_inputs(volume, seg)
     yield scene, core, volume, seg, vol, truth
@@ -66,7 +63,9 @@ def box_corners(volume, truth, axis, index, margin=1):
     return geometry.ijk_to_ras(volume, [lo[::-1], hi[::-1]])
 
 
-@pytest.mark.parametrize("orientation", sorted(ORIENTATIONS))
+# Axial in the fast tier; the other two views are slow
+@pytest.mark.parametrize("orientation", [o if o == "Axial" else pytest.param(o, marks=pytest.mark.slow)
+                                         for o in sorted(ORIENTATIONS)])
 def test_box_prompt_in_each_view_writes_the_right_voxels(world, orientation):
     import slicer
 
@@ -176,6 +175,7 @@ def test_asynchronous_request_matches_blocking(world):
     assert np.array_equal(shown.mask, blocking.mask)
 
 
+@pytest.mark.slow  # a propagation through MRML
 def test_cancelled_propagation_is_consistent_and_one_undo_step(world):
     from SAMSegmentLib.prompts import Prompts
 
@@ -209,6 +209,7 @@ def test_errors_are_clear(world):
         SAMSegmentCore(scene).set_inputs(None, seg)
 
 
+@pytest.mark.slow  # a propagation through MRML
 def test_closing_the_scene_cancels_running_work_and_writes_nothing_afterwards(world):
     """Review finding 15: StartCloseEvent precedes vtkMRMLScene::Clear; the module releases the
     scene there, so neither propagation slices nor a task's result land in the next scene."""

@@ -512,11 +512,11 @@ def test_screenshot_urls_point_at_files_in_this_repository():
 
 def test_icon_generator_is_reproducible(tmp_path):
     pytest.importorskip("PIL")
-    sys.path.insert(0, str(REPO / "Resources"))
-    try:
-        import make_icon
-    finally:
-        sys.path.pop(0)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_icon", REPO / "Resources" / "make_icon.py")
+    make_icon = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_icon)
     assert make_icon.main(["--root", str(tmp_path)]) == 0
     assert _png_size(tmp_path / "Resources/Icons/SAMSegment.png") == (128, 128)
     assert _png_size(tmp_path / "SAMSegment/Resources/Icons/SAMSegmentEffect.png") == (21, 21)

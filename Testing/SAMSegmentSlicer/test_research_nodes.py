@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from conftest import add_volume, slice_node_through
+from SAMSegmentSlicer.selftest import add_volume, slice_node_through
 from SAMSegmentSlicer import geometry, research_nodes
 from SAMSegmentSlicer.logic import SAMSegmentCore
 from SAMSegmentSlicer.segment_io import segment_array
@@ -17,8 +14,7 @@ from SAMSegmentSlicer.segment_io import segment_array
 @pytest.fixture
 def disks(mrml, backend):
     """Three separate bright disks in a soft-tissue body, 3 slices, oblique geometry."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SAMSegmentLib"))
-    from phantoms import disks_ct
+    from phantoms import disks_ct  # Testing/SAMSegmentLib, on the path through pyproject.toml
 
     from SAMSegmentLib.session import SegmentationSession
 
@@ -26,7 +22,9 @@ def disks(mrml, backend):
     vol, masks = disks_ct(shape=(3, 96, 96))
     volume = add_volume(scene, vol)
     core = SAMSegmentCore(scene, app)
-    core.use_session(SegmentationSession(model=backend))
+    session = SegmentationSession(model=backend)
+    session.prefetch = lambda *a, **k: 0  # off: no test reads a neighbour; its encodes outlive the test
+    core.use_session(session)
     core.set_inputs(volume, None, window=(-160, 240))
     yield scene, core, volume, masks
     core.close()
@@ -45,12 +43,14 @@ def test_label_array_becomes_one_segment_per_label_exactly(mrml):
     seg = research_nodes.labels_to_segmentation(scene, volume, labels, "found")
     ids = list(seg.GetSegmentation().GetSegmentIDs())
     assert len(ids) == 3
-    arrays = sorted((segment_array(seg, sid, volume) for sid in ids), key=lambda a: int(np.argwhere(a)[0][0] * 1000 + np.argwhere(a)[0][1]))
+    arrays = sorted((segment_array(seg, sid, volume) for sid in ids),
+                    key=lambda a: int(np.argwhere(a)[0][0] * 1000 + np.argwhere(a)[0][1]))
     for value, arr in zip((1, 2, 3), arrays):
         assert np.array_equal(arr.astype(bool), labels == value)
     assert scene.GetNodesByClass("vtkMRMLLabelMapVolumeNode").GetNumberOfItems() == 0  # temporary removed
 
 
+@pytest.mark.slow  # everything mode
 def test_everything_on_a_slice_fills_a_new_segmentation(disks):
     from SAMSegmentLib.automatic import EverythingParams
 
@@ -66,6 +66,7 @@ def test_everything_on_a_slice_fills_a_new_segmentation(disks):
     assert seg is not core.segmentation_node  # the user's segmentation is untouched
 
 
+@pytest.mark.slow  # everything mode on every slice
 def test_samaug_priors_become_volumes_with_source_geometry(disks):
     from SAMSegmentLib.automatic import EverythingParams
 
@@ -85,6 +86,7 @@ def test_samaug_priors_become_volumes_with_source_geometry(disks):
     assert np.allclose(geometry.ijk_to_ras_matrix(seg_node), geometry.ijk_to_ras_matrix(volume))
 
 
+@pytest.mark.slow  # jittered decodes on every slice
 def test_uncertainty_overlay_toggles(disks):
     from SAMSegmentLib.prompts import Prompts
 

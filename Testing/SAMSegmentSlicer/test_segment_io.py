@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import SegmentEditorWidgetMirror, add_volume, segment_editor_singleton
+from mrml_fixtures import SegmentEditorWidgetMirror, segment_editor_singleton
+from SAMSegmentSlicer.selftest import add_volume
 from SAMSegmentSlicer.segment_io import SegmentWriter, segment_array
 
 SHAPE = (10, 30, 36)
@@ -233,7 +234,7 @@ def test_segment_editor_undo_reverts_our_write_and_not_the_users_earlier_edit(mr
         editor.paint(user, slice_labelmap(volume, seg, 0, 2, plane_mask((30, 36), 0, 10, 0, 10)))
         painted = segment_array(seg, user, volume)
         writer = SegmentWriter(scene, seg, volume, app_logic=app,
-                               segment_editor=(lambda: editor) if guarded else None)
+                               segment_editor=(lambda e=editor: e) if guarded else None)
         writer.write_slice(sam, 0, 5, plane_mask((30, 36), 10, 20, 10, 20))
         assert singleton.GetSegmentationNode() is seg and singleton.GetSelectedSegmentID() == user  # untouched
         editor.undo()
