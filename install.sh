@@ -15,5 +15,5 @@ if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
   # shellcheck disable=SC2086
   "${PIP[@]}" install ${TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}
 fi
-"${PIP[@]}" install -e ".[test,slicer-tests]"
+"${PIP[@]}" install -e ".[test,slicer-tests,server]"
 echo "SAMSegment installed in $(pwd)/.venv"

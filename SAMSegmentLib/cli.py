@@ -19,6 +19,7 @@ import json
 import logging
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -151,6 +152,29 @@ def _model_options(g: Any) -> None:
                         "installed, else PyTorch), eager (PyTorch) or onnx")
 
 
+def _server_options(g: Any) -> None:
+    g.add_argument("--server", default=None, metavar="URL",
+                   help="run the model on a SAMSegment server (samsegment serve) instead of in this process")
+    g.add_argument("--token-file", default=None,
+                   help="file whose first line is the server's token (default: $SAMSEGMENT_TOKEN)")
+
+
+def _serve_options(g: Any) -> None:
+    from .server.serve import DEFAULT_PORT
+
+    g.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; another address needs a token)")
+    g.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = a free one)")
+    g.add_argument("--token-file", default=None,
+                   help="file whose first line is the API token (default: $SAMSEGMENT_TOKEN, else a new one, printed)")
+    g.add_argument("--no-auth", action="store_true", help="no token (refused unless --host is a loopback address)")
+    g.add_argument("--ssl-certfile", default=None, help="TLS certificate (PEM), with --ssl-keyfile")
+    g.add_argument("--ssl-keyfile", default=None, help="TLS private key (PEM)")
+    g.add_argument("--port-file", default=None, help="write the port here once listening (for launchers)")
+    g.add_argument("--max-volume-voxels", type=int, default=600_000_000, help="largest volume accepted")
+    g.add_argument("--max-request-mib", type=float, default=1024, help="largest request body accepted (MiB)")
+
+
 def _intensity_options(g: Any) -> None:
     from .preprocessing import CT_PRESETS
 
@@ -183,6 +207,8 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
         "everything": _parent(("everything mode", _everything_options)),
         "uncertainty": _parent(("uncertainty", _uncertainty_options)),
         "registry": _parent(("model", _registry_option)),
+        "server": _parent(("server", _server_options)),
+        "serve": _parent(("server", _serve_options)),
         "model": _parent(("model", _model_options), ("intensity", _intensity_options)),
     }
 
@@ -214,10 +240,44 @@ def _read(args: argparse.Namespace):
     return sio.read_volume(args.image, series_uid=args.series_uid)
 
 
+def _remote(session: Any) -> bool:
+    """True for a session on a server: the engine's long functions then run there (same results)."""
+    from .client import RemoteSession
+
+    return isinstance(session, RemoteSession)
+
+
+def _token(token_file: str | None) -> str | None:
+    import os
+
+    if token_file is None:
+        return os.environ.get("SAMSEGMENT_TOKEN")
+    try:
+        lines = Path(token_file).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise SAMSegmentError(f"Cannot read the token file {token_file}: {exc.strerror}",
+                              "give the file holding the server's token") from exc
+    return lines[0].strip() if lines else None
+
+
 def _session(args: argparse.Namespace):
-    """The session of a command: its model from the packaged registry and ``--registry``, built here."""
+    """The session of a command: its model from the packaged registry and ``--registry``, built here,
+    or a ``RemoteSession`` on ``--server`` (where the server's own model, device and cache apply)."""
     from .backends import SamBackend
     from .session import SegmentationSession
+
+    if getattr(args, "server", None):
+        from .client import RemoteSession
+
+        local_only = [flag for flag, value in (("--checkpoint", args.checkpoint), ("--cache-dir", args.cache_dir),
+                                               ("--runtime", args.runtime), ("--registry", args.registry))
+                      if value is not None] + (["--device"] if args.device != "auto" else []) + \
+            [flag for flag in ("--fill-holes", "--largest-component") if getattr(args, flag[2:].replace("-", "_"), False)]
+        if local_only:
+            raise SAMSegmentError(f"{', '.join(local_only)} cannot be used with --server",
+                                  "these are the server's settings (samsegment serve ...); drop them here")
+        return RemoteSession(args.server, _token(args.token_file), model=args.model,
+                             box_margin=getattr(args, "box_margin", None))
 
     backend = SamBackend.from_model_id(args.model, args.checkpoint, args.device, extra_registry=args.registry,
                                        runtime=args.runtime)
@@ -431,9 +491,9 @@ def cmd_propagate(args: argparse.Namespace) -> int:
             print(f"Slice {ref.index} (axis {'kji'[axis]}): {pred.area} pixels, model score {pred.score:.3f}")
             anchors = {ref.index: pred.mask}
         t0 = time.perf_counter()
+        run = session.propagate if _remote(session) else partial(propagate, session)
         with _interruptible("propagating") as (update, cancel):
-            result = propagate(session, axis, anchors, direction=args.direction, rules=_rules(args),
-                               progress=update, cancel=cancel)
+            result = run(axis, anchors, direction=args.direction, rules=_rules(args), progress=update, cancel=cancel)
         elapsed = time.perf_counter() - t0
         for stop in result.stops:
             way = "up" if stop.direction > 0 else "down"
@@ -442,6 +502,17 @@ def cmd_propagate(args: argparse.Namespace) -> int:
         mask = result.to_volume(volume.shape, anchors)
         indices = sorted(set(anchors) | set(result.masks))
         _write_outputs(args, mask, geometry, session, axis, indices)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server.serve import serve
+    from .server.state import Limits
+
+    limits = Limits(max_volume_voxels=args.max_volume_voxels, max_request_bytes=int(args.max_request_mib * 2**20))
+    serve(args.host, args.port, token_file=args.token_file, no_auth=args.no_auth, ssl_certfile=args.ssl_certfile,
+          ssl_keyfile=args.ssl_keyfile, device=None if args.device == "auto" else args.device, runtime=args.runtime,
+          limits=limits, cache_bytes=int(args.cache_mib * 2**20), registry=args.registry, port_file=args.port_file)
     return 0
 
 
@@ -548,8 +619,8 @@ def cmd_uncertainty(args: argparse.Namespace) -> int:
         session.set_volume(volume, window=_window(args.window), modality=args.modality)
         ref, prompts = _slice_prompts(args, geometry, volume.shape)
         t0 = time.perf_counter()
-        mean, unc = prompt_uncertainty(session, ref, prompts, n=args.samples, jitter=args.jitter, seed=args.seed,
-                                       measure=args.measure)
+        run = session.prompt_uncertainty if _remote(session) else partial(prompt_uncertainty, session)
+        mean, unc = run(ref, prompts, n=args.samples, jitter=args.jitter, seed=args.seed, measure=args.measure)
         elapsed = time.perf_counter() - t0
         unc_vol = np.zeros(volume.shape, dtype=np.float32)
         set_slice(unc_vol, ref, unc)
@@ -588,10 +659,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    command("segment", cmd_segment, "input axis prompts out_file overwrite mask model",
+    command("segment", cmd_segment, "input axis prompts out_file overwrite mask model server",
             "segment one slice from a box and/or points",
             "Segment one slice and write a 3D mask with only that slice set.")
-    p = command("propagate", cmd_propagate, "input axis prompts out_file overwrite mask propagation range model",
+    p = command("propagate", cmd_propagate,
+                "input axis prompts out_file overwrite mask propagation range model server",
                 "segment one slice, then propagate through adjacent slices",
                 "Segment a slice from prompts (or take an existing mask's slices as accepted anchors with "
                 "--anchor-mask) and propagate slice by slice.")
@@ -606,6 +678,10 @@ def build_parser() -> argparse.ArgumentParser:
                 "One box on the structure's largest slice (taken from the reference label), propagation both "
                 "ways, mask + PNG montage written to --out, Dice printed.")
     p.add_argument("--structure", default="spleen", help="spleen (default), liver, kidney_left, ... (see labels)")
+    command("serve", cmd_serve, "serve model",
+            "run the engine behind an HTTP API for Slicer and other clients (--server URL)",
+            "Serve the models over HTTP (API v1) on 127.0.0.1 by default, with a token; CUDA when present. "
+            "Clients: Slicer's SAMSegment module, 'samsegment ... --server URL', SAMSegmentLib.client.")
     command("models", cmd_models, "registry", "list the models, where their weights come from, and the devices",
             "List the known models and whether their weights are available.")
     p = command("everything", cmd_everything, "input axis range out_file overwrite everything model",
@@ -627,7 +703,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "stopped.")
     p.add_argument("input_dir", help="folder of volumes (.nii.gz, .nii, .nrrd, .mha, .mhd)")
     p.add_argument("--redo", action="store_true", help="recompute finished cases too")
-    command("uncertainty", cmd_uncertainty, "input axis prompts out_file overwrite mask uncertainty model",
+    command("uncertainty", cmd_uncertainty, "input axis prompts out_file overwrite mask uncertainty model server",
             "mean probability and uncertainty over jittered copies of a prompt",
             "Decode N randomly jittered copies of the box/points (SAM-U style) and write the per-pixel "
             "uncertainty (entropy of the mean probability, or variance of the N masks) and optionally the mean "
