@@ -243,7 +243,7 @@ class RemoteSession:
         try:
             return self._json(method, f"/v1/sessions/{self.session_id}{suffix}", **kwargs)
         except SAMSegmentError as exc:
-            if type(exc).__name__ != "ServerError" or "does not exist on this server" not in exc.problem:
+            if type(exc) is not ServerError or "does not exist on this server" not in exc.problem:
                 raise
         self._open()
         return self._json(method, f"/v1/sessions/{self.session_id}{suffix}", **kwargs)

@@ -147,7 +147,7 @@ class SegmentationSession:
                  device: str | None = None, cache_bytes: int = DEFAULT_BUDGET_BYTES,
                  cache_dir: str | Path | None = None, refine_with_logits: bool = True,
                  fill_holes: bool = False, largest_component: bool = False, runtime: str | None = None,
-                 box_margin: float | None = None) -> None:
+                 box_margin: float | None = None, cache: EmbeddingCache | None = None) -> None:
         """Build (or adopt) the backend and start the session's two threads; no volume yet.
 
         Args:
@@ -157,6 +157,9 @@ class SegmentationSession:
             device: "cpu", "cuda", "cuda:N", "mps" or None (the best available).
             cache_bytes: the in-memory embedding budget.
             cache_dir: a folder for the disk tier of the embedding cache (None: memory only).
+            cache: an existing embedding cache to use instead (``cache_bytes`` and ``cache_dir`` are
+                then ignored); its keys hold volume signature, model and preprocessing, so sessions
+                of one model can share one (the server's clients do).
             refine_with_logits: ``predict`` feeds the previous mask's logits back on a corrective click.
             fill_holes, largest_component: post-processing of every decoded mask.
             runtime: "auto" (default, or ``$SAMSEGMENT_RUNTIME``), "eager" or "onnx".
@@ -171,7 +174,7 @@ class SegmentationSession:
             self.backend = model
         else:
             self.backend = SamBackend.from_model_id(model or default_model_id(), checkpoint, device, runtime=runtime)
-        self.cache = EmbeddingCache(cache_bytes, cache_dir)
+        self.cache = cache if cache is not None else EmbeddingCache(cache_bytes, cache_dir)
         self.worker = InferenceWorker()
         # decodes of cached slices: never queued behind an encoder call (see the module docstring)
         self.decoder_lane = InferenceWorker(name="samsegment-decode")

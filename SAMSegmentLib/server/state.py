@@ -205,8 +205,7 @@ class ServerState:
             cache = self._caches.get(backend.model_id)
             if cache is None:
                 cache = self._caches[backend.model_id] = EmbeddingCache(self.cache_bytes)
-        session = SegmentationSession(model=backend, box_margin=box_margin)
-        session.cache = cache  # content-keyed (volume signature, model, preprocessing): shared by clients
+        session = SegmentationSession(model=backend, box_margin=box_margin, cache=cache)
         session.set_volume(volume, window, modality=modality)
         client = ClientSession(new_id(), volume_id, session)
         with self._lock:
