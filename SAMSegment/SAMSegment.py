@@ -40,6 +40,7 @@ EFFECT_SOURCE = os.path.join(MODULE_DIR, "SegmentEditorSAMLib", "SegmentEditorEf
 
 from SAMSegmentSlicer.dependencies import check_supported  # noqa: E402 - needs MODULE_DIR on sys.path
 from SAMSegmentSlicer.logic import SAMSegmentCore  # noqa: E402
+from SAMSegmentSlicer.server_link import stop_local_servers  # noqa: E402
 from SAMSegmentSlicer.status import show_status  # noqa: E402
 
 MODEL_IDS = SAMSegmentCore.model_ids()
@@ -63,6 +64,7 @@ class SAMSegment(ScriptedLoadableModule):
             "LiteMedSAM and MedSAM: Ma J. et al., Nature Communications 2024. Segment Anything: Kirillov A. et al., "
             "ICCV 2023.")
         slicer.app.connect("startupCompleted()", registerSegmentEditorEffect)
+        slicer.app.connect("aboutToQuit()", stop_local_servers)  # the local server ends with Slicer
 
 
 def registerSegmentEditorEffect() -> None:
@@ -123,6 +125,7 @@ class SAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode: Optional[SAMSegmentParameterNode] = None
         self._parameterNodeGuiTag = None
         self._job = None
+        self._interrupted = None  # a propagation the server's loss stopped; Propagate resumes it
         self._task = None
         self.timer = qt.QTimer()
         self.timer.setInterval(40)
@@ -149,6 +152,10 @@ class SAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)",
                                              lambda node: self.ui.segmentSelector.setCurrentNode(node))
         self.ui.checkpointPath.connect("currentPathChanged(QString)", self.onCheckpointChanged)
+        self.ui.serverMode.connect("currentIndexChanged(int)", self.onServerModeChanged)
+        self.ui.serverURL.connect("editingFinished()", self.onServerSettingsEdited)
+        self.ui.serverKey.connect("editingFinished()", self.onServerSettingsEdited)
+        self.loadServerSettings()
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.initializeParameterNode()
@@ -176,7 +183,7 @@ class SAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event) -> None:
         """Cancel running work before the scene's nodes go away; nothing lands in the next scene."""
         self.logic.release_scene(self._job, self._task)
-        self._job = self._task = None
+        self._job = self._task = self._interrupted = None
         self.ui.propagateButton.enabled = True
         self.ui.cancelButton.enabled = False
         self.ui.progressBar.setValue(0)
@@ -245,17 +252,41 @@ class SAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.setStatus(f"{message}: {exc}", error=True)
             return False
 
-    def _bind(self) -> bool:
-        """Bind the logic to the selected nodes (asking to install packages on first use)."""
-        from SAMSegmentSlicer.dependencies import DependencyError
+    def _link(self):
+        """The server chosen in the Server section (settings in Slicer's application settings, never
+        in the scene), configured with the panel's device and checkpoint."""
+        from SAMSegmentSlicer import server_link
 
-        try:
-            ready = self.logic.ensure_dependencies(slicer.util.confirmOkCancelDisplay)
-        except DependencyError as exc:
-            slicer.util.errorDisplay(str(exc))
-            ready = False
-        if not ready:
-            self.setStatus(_("Python packages are missing; SAMSegment cannot run yet."), error=True)
+        env_dir, log_file = server_link.local_paths(slicer.app.slicerUserSettingsFilePath)
+        link = server_link.link_from_settings(slicer.app.userSettings(), env_dir, log_file)
+        if isinstance(link, server_link.LocalServerLink):
+            p = self._parameterNode
+            checkpoints = {p.model: p.checkpoint} if p is not None and p.model and p.checkpoint else {}
+            link.configure(server_link.server_args(p.device if p is not None else "auto", checkpoints))
+        return link
+
+    def _ensureServer(self) -> bool:
+        """Point the logic at the chosen server; for the local one, offer (with consent) to create
+        its Python environment, which is never Slicer's own. False when the user declined."""
+        from SAMSegmentSlicer import server_link
+
+        link = self._link()
+        if isinstance(link, server_link.LocalServerLink) and not link.installed and link.setup_run is None:
+            message = _("SAMSegment runs its model in a separate local server with its own Python environment, "
+                        "so nothing is installed into Slicer's Python. Create it now in\n{path}?\n\nThis downloads "
+                        "PyTorch and a few other packages (about 1 GB without a GPU) and takes several minutes; "
+                        "Slicer stays usable meanwhile.").format(path=link.env_dir)
+            if not slicer.util.confirmOkCancelDisplay(message):
+                self.setStatus(_("The SAMSegment server is not set up; nothing was installed."), error=True)
+                return False
+            link.setup(_slicer_python())
+            self.setStatus(_("Setting up the SAMSegment server environment (log: {log})...").format(log=link.log_file))
+        self.logic.use_link(link)
+        return True
+
+    def _bind(self) -> bool:
+        """Bind the logic to the selected nodes and the chosen server."""
+        if not self._ensureServer():
             return False
 
         def bind() -> None:
@@ -264,17 +295,43 @@ class SAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.segmentSelector.setCurrentSegmentID(self.logic.segment_id)
             self.logic.watch_markups(self.activeView)
 
-        return self.guarded(_("Could not prepare SAMSegment"), bind, waitCursor=True)
+        return self.guarded(_("Could not prepare SAMSegment"), bind)
 
     def activeView(self):
         """The view the last-changed prompt was placed in (its plane contains the point)."""
         return self.logic.active_view(list(slicer.util.getNodesByClass("vtkMRMLSliceNode")))
 
+    # ---------------------------------------------------------------- server section
+    def onServerModeChanged(self, index: int) -> None:
+        from SAMSegmentSlicer import server_link
+
+        remote = index == 1
+        self.ui.serverURL.enabled = self.ui.serverKey.enabled = remote
+        slicer.app.userSettings().setValue(server_link.MODE_KEY, "remote" if remote else "local")
+
+    def onServerSettingsEdited(self) -> None:
+        from SAMSegmentSlicer import server_link
+
+        settings = slicer.app.userSettings()
+        settings.setValue(server_link.REMOTE_URL_KEY, self.ui.serverURL.text.strip())
+        settings.setValue(server_link.REMOTE_TOKEN_KEY, self.ui.serverKey.text)
+
+    def loadServerSettings(self) -> None:
+        from SAMSegmentSlicer import server_link
+
+        settings = slicer.app.userSettings()
+        self.ui.serverURL.text = str(settings.value(server_link.REMOTE_URL_KEY, ""))
+        self.ui.serverKey.text = str(settings.value(server_link.REMOTE_TOKEN_KEY, ""))
+        remote = str(settings.value(server_link.MODE_KEY, "local")) == "remote"
+        self.ui.serverMode.currentIndex = 1 if remote else 0
+        self.ui.serverURL.enabled = self.ui.serverKey.enabled = remote
+
     # ---------------------------------------------------------------- actions
     def onLoadModel(self) -> None:
         if self._bind():
-            self.setStatus(_("Ready: place the box (click one corner, then the opposite corner) on a slice view."))
-        self.updateCacheStatus()
+            self.setStatus(_("Connecting to the SAMSegment server; then place the box (click one corner, then the "
+                             "opposite corner) on a slice view."))
+        self.updateServerStatus()
 
     def onSegmentChanged(self, segmentID) -> None:
         if self.logic.segmentation_node is not None and segmentID:
@@ -291,7 +348,7 @@ class SAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onUndo(self) -> None:
         def undo() -> None:
             if self.logic.current is not None:
-                self.logic.undo_prompt()
+                self.logic.undo_prompt()  # the previous proposal arrives on the timer
             elif not self.logic.undo_edit():
                 self.setStatus(_("Nothing to undo."))
 
@@ -306,8 +363,13 @@ class SAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
 
         def start() -> None:
-            self._job = self.logic.start_propagation(self._parameterNode.direction,
-                                                     rules=self.logic.rules_from_parameters(self._parameterNode))
+            last = self._interrupted
+            if last is not None and last.segment_id == self.logic.segment_id:
+                self._job = self.logic.resume_propagation(last)  # the same request; written slices stay
+            else:
+                self._job = self.logic.start_propagation(self._parameterNode.direction,
+                                                         rules=self.logic.rules_from_parameters(self._parameterNode))
+            self._interrupted = None
 
         if self.guarded(_("Could not start propagation"), start):
             self.ui.propagateButton.enabled = False
@@ -322,17 +384,18 @@ class SAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._task.cancel.cancel()
             self.setStatus(_("Cancelling {name}; nothing is added to the scene.").format(name=self._task.name))
 
-    def _startTask(self, name, compute, finish) -> None:
-        if self._task is not None or (self.logic.session is None and not self._bind()):
+    def _startTask(self, name, make, finish) -> None:
+        """Run the server request ``make(progress, cancel)``; ``finish(result)`` makes the nodes."""
+        if self._task is not None or (self.logic.segmentation_node is None and not self._bind()):
             return
 
         def start() -> None:
-            self._task = self.logic.start_task(name, compute, finish)
+            self._task = self.logic.start_task(name, make, finish)
 
         if self.guarded(_("Could not start {name}").format(name=name), start):
             self.ui.cancelButton.enabled = True
             self.ui.progressBar.setValue(0)
-            self.setStatus(_("{name} running...").format(name=name))
+            self.setStatus(_("{name} running on the server...").format(name=name))
 
     def onEverything(self, volume: bool) -> None:
         from SAMSegmentSlicer import research_nodes
@@ -350,8 +413,8 @@ class SAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             view = views[0]
         kwargs = {"axis": view.axis} if volume else {"view": view}
         self._startTask(_("everything mode"),
-                        lambda progress, cancel: research_nodes.everything_labels(self.logic, progress=progress,
-                                                                                  cancel=cancel, **kwargs),
+                        lambda progress, cancel: research_nodes.everything_flow(self.logic, progress=progress,
+                                                                                cancel=cancel, **kwargs),
                         lambda result: research_nodes.labels_to_segmentation(slicer.mrmlScene, self.logic.volume_node,
                                                                              *result))
 
@@ -360,8 +423,8 @@ class SAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         axis = self.logic.current_view.axis if self.logic.current_view is not None else 0
         self._startTask(_("SAMAug priors"),
-                        lambda progress, cancel: research_nodes.samaug_arrays(self.logic, axis, progress=progress,
-                                                                              cancel=cancel),
+                        lambda progress, cancel: research_nodes.samaug_flow(self.logic, axis, progress=progress,
+                                                                            cancel=cancel),
                         lambda priors: research_nodes.priors_to_volumes(self.logic, *priors))
 
     def onUncertainty(self, checked: bool) -> None:
@@ -372,18 +435,24 @@ class SAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.logic.preview.set_uncertainty_visible(False)
             return
 
-        def show() -> None:
-            _uncertain, entropy = research_nodes.show_uncertainty(self.logic)
+        def show(result) -> None:
+            view, _mean, entropy = result
+            research_nodes.overlay_uncertainty(self.logic, view, entropy)
             share = float((entropy >= research_nodes.UNCERTAIN_ENTROPY_BITS).mean())
             self.setStatus(_("Uncertain pixels outlined in yellow ({share:.1f}% of the slice).")
                            .format(share=100 * share))
 
-        if not self.guarded(_("Could not compute the uncertainty"), show, waitCursor=True):
+        if self.logic.current_prompts is None:
+            self.setStatus(_("Segment a slice first; the uncertainty is that of its prompt."), error=True)
             self.ui.uncertaintyCheck.blockSignals(True)
             self.ui.uncertaintyCheck.checked = False
             self.ui.uncertaintyCheck.blockSignals(False)
+            return
+        self._startTask(_("prompt uncertainty"),
+                        lambda progress, cancel: research_nodes.uncertainty_flow(self.logic), show)
 
     def onTimer(self) -> None:
+        """Every 40 ms: advance the server requests a few milliseconds and show what arrived."""
         if self.logic is None:
             return
         try:
@@ -411,21 +480,28 @@ class SAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             try:
                 self.logic.poll_propagation(self._job)
             except Exception as exc:  # noqa: BLE001
-                self.setStatus(_("Propagation failed: {error}").format(error=exc), error=True)
+                self.setStatus(_("Propagation stopped: {error}").format(error=exc), error=True)
             done, total, _message = self._job.progress
             if total:
                 self.ui.progressBar.setValue(int(100 * done / total))
             if self._job.finished:
-                self.setStatus(self.logic.describe_job(self._job))
+                if self._job.interrupted is not None:
+                    self._interrupted = self._job  # Propagate resumes it
+                self.setStatus(self.logic.describe_job(self._job), error=self._job.interrupted is not None)
                 self.ui.propagateButton.enabled = True
                 self.ui.cancelButton.enabled = False
                 self._job = None
-            self.updateCacheStatus()
+        self.updateServerStatus()
 
-    def updateCacheStatus(self) -> None:
-        status = self.logic.cache_status()
-        self.ui.cacheLabel.setText(_("{slices} slices cached, {mib:.0f} MiB").format(slices=status["slices"],
-                                                                                      mib=status["mib"]))
+    def updateServerStatus(self) -> None:
+        self.ui.serverStatus.setText(self.logic.server_status())
+
+
+def _slicer_python() -> str:
+    """Slicer's own Python (PythonSlicer), from which the server's separate environment is created."""
+    name = "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"
+    candidate = os.path.join(slicer.app.slicerHome, "bin", name)
+    return candidate if os.path.exists(candidate) else sys.executable
 
 
 def _build_panel(layout):
@@ -435,6 +511,26 @@ def _build_panel(layout):
         pass
 
     ui = UI()
+    server = ctk.ctkCollapsibleButton()
+    server.text = _("Server")
+    layout.addWidget(server)
+    form = qt.QFormLayout(server)
+    ui.serverMode = qt.QComboBox()
+    ui.serverMode.addItems([_("Local (started by Slicer, own Python environment)"), _("Remote server")])
+    ui.serverMode.toolTip = _("Where the model runs. The local server starts on first use and stops with Slicer; "
+                              "a remote one (e.g. a GPU machine) is shared by a department.")
+    form.addRow(_("Engine:"), ui.serverMode)
+    ui.serverURL = qt.QLineEdit()
+    ui.serverURL.placeholderText = "https://gpu-box.example.org:8765"
+    form.addRow(_("URL:"), ui.serverURL)
+    ui.serverKey = qt.QLineEdit()
+    ui.serverKey.echoMode = qt.QLineEdit.Password
+    ui.serverKey.toolTip = _("The server's API key; kept in Slicer's application settings, never in the scene.")
+    form.addRow(_("API key:"), ui.serverKey)
+    ui.serverStatus = qt.QLabel(_("Not connected"))
+    ui.serverStatus.wordWrap = True
+    form.addRow(_("Status:"), ui.serverStatus)
+
     inputs = ctk.ctkCollapsibleButton()
     inputs.text = _("Inputs")
     layout.addWidget(inputs)
@@ -460,6 +556,8 @@ def _build_panel(layout):
     ui.checkpointPath = ctk.ctkPathLineEdit()
     ui.checkpointPath.filters = ctk.ctkPathLineEdit.Files
     ui.checkpointPath.nameFilters = ["PyTorch checkpoint (*.pth *.pt)"]
+    ui.checkpointPath.toolTip = _("For SAM/MedSAM: the weights file, given to the local server (a remote server has "
+                                  "its own).")
     form.addRow(_("Checkpoint:"), ui.checkpointPath)
     ui.deviceSelector = qt.QComboBox()
     form.addRow(_("Device:"), ui.deviceSelector)
@@ -471,10 +569,9 @@ def _build_panel(layout):
                               "organ; this adds 10 % of the box side. Uncheck to use boxes exactly as drawn."))
     form.addRow(ui.marginCheck)
     ui.loadModelButton = qt.QPushButton(_("Start"))
-    ui.loadModelButton.toolTip = _("Load the model and the volume, and start watching the prompts.")
+    ui.loadModelButton.toolTip = _("Connect to the server (starting the local one if needed), send the volume and "
+                                   "start watching the prompts.")
     form.addRow(ui.loadModelButton)
-    ui.cacheLabel = qt.QLabel(_("0 slices cached"))
-    form.addRow(_("Cache:"), ui.cacheLabel)
 
     prompts = ctk.ctkCollapsibleButton()
     prompts.text = _("Prompts")
@@ -608,20 +705,18 @@ class SAMSegmentTest(ScriptedLoadableModuleTest):
     """
 
     def setUp(self) -> None:
-        """A clean scene, and the Python packages (installed here with consent: in testing mode
-        ``confirmOkCancelDisplay`` answers yes); skipped with the reason when they cannot be had."""
-        from SAMSegmentSlicer.dependencies import DependencyError
+        """A clean scene and a server: the one chosen in the module's Server section (the local one
+        must have been set up there; the test never downloads anything)."""
+        from SAMSegmentSlicer import server_link
 
         slicer.mrmlScene.Clear()
         problem = check_supported((slicer.app.majorVersion, slicer.app.minorVersion), sys.version_info[:2])
         if problem is not None:
             self.skipTest(problem)
-        try:
-            ready = SAMSegmentCore.ensure_dependencies(slicer.util.confirmOkCancelDisplay)
-        except DependencyError as exc:
-            self.skipTest(f"the Python packages could not be installed: {exc}")
-        if not ready:
-            self.skipTest("the Python packages are missing and were not installed")
+        env_dir, log_file = server_link.local_paths(slicer.app.slicerUserSettingsFilePath)
+        self.link = server_link.link_from_settings(slicer.app.userSettings(), env_dir, log_file)
+        if isinstance(self.link, server_link.LocalServerLink) and not self.link.installed:
+            self.skipTest("the SAMSegment server environment is not set up (module panel: Start)")
 
     def runTest(self) -> None:
         self.setUp()
@@ -633,7 +728,9 @@ class SAMSegmentTest(ScriptedLoadableModuleTest):
         from SAMSegmentSlicer.selftest import run_logic_flow
 
         self.delayDisplay("SAMSegment logic: box, accept, propagate, undo")
-        report = run_logic_flow(slicer.mrmlScene, SAMSegmentLogic())
+        logic = SAMSegmentLogic()
+        logic.use_link(self.link)
+        report = run_logic_flow(slicer.mrmlScene, logic)
         self.assertGreater(report["slice_dice"], 0.9)
         self.assertGreater(report["volume_dice"], 0.85)
         self.assertTrue(report["anchor_kept"])

@@ -184,8 +184,9 @@ class EffectController:
         if view.inside:
             self.core.warm(view)
 
-    def handle(self, slice_node, action: Action) -> Any:
-        """Apply one action in ``slice_node``'s view; returns the new prediction (or None)."""
+    def handle(self, slice_node, action: Action) -> int:
+        """Apply one action in ``slice_node``'s view and ask the server for the new mask; ``poll()``
+        shows it when it arrives (the mouse handler never waits). Returns the request's number."""
         self.bind()
         view = self.core.view_slice(slice_node)
         if not view.inside:
@@ -201,20 +202,35 @@ class EffectController:
         else:
             self.state.points.append(self.slice_pixel(slice_node, action.xy, view))
             self.state.labels.append(INCLUDE if action.kind == "include" else EXCLUDE)
+        return self.core.request(view, self.state.as_prompts(), refine=True)
+
+    def poll(self) -> Any:
+        """From the effect's timer: the new preview when one arrived (else None). A prompt the
+        server refused is dropped from this slice's prompts, and its error raised."""
         try:
-            return self.core.segment(view, self.state.as_prompts(), refine=True)
+            return self.core.poll()
         except SAMSegmentError:
-            self.undo()  # the rejected prompt is not kept
+            if self._history and self.state is not None:
+                self.state = self._history.pop()
             raise
 
-    def undo(self) -> Any:
-        """Remove the last prompt on this slice and show the previous proposal."""
+    def wait(self) -> Any:
+        """Block until the latest request is shown (scripts and tests)."""
+        try:
+            return self.core.wait_for_requests()
+        except SAMSegmentError:
+            if self._history and self.state is not None:
+                self.state = self._history.pop()
+            raise
+
+    def undo(self) -> None:
+        """Remove the last prompt on this slice and ask for the previous proposal again."""
         if not self._history or self.state is None:
-            return None
+            return
         self.state = self._history.pop()
-        self.core.session.reset(self.state.view.ref)
-        # no prompts left: segment() clears the preview
-        return self.core.segment(self.state.view, self.state.as_prompts(), refine=False)
+        self.core.reset_prompts(self.state.view.ref)
+        # no prompts left: the request clears the preview
+        self.core.request(self.state.view, self.state.as_prompts(), refine=False)
 
     def apply(self) -> int:
         """Write the preview into the selected segment (one undo step); returns the voxels set."""
@@ -224,8 +240,9 @@ class EffectController:
         return written
 
     def cancel(self, keep_preview: bool = False) -> None:
-        if self.state is not None and self.core.session is not None:
-            self.core.session.reset(self.state.view.ref)
+        self.core.cancel_requests()
+        if self.state is not None and self.core.link is not None:
+            self.core.reset_prompts(self.state.view.ref)
         self.state = None
         self._history.clear()
         if not keep_preview and self.core.preview is not None:

@@ -1,46 +1,58 @@
-"""The SAMSegment logic: MRML nodes in, engine calls, masks written back to segments.
+"""The SAMSegment logic: MRML nodes in, requests to a SAMSegment server, masks written back to segments.
+
+The engine never runs in Slicer's process: no torch, no model, no worker threads here. Every
+engine call is a request to a ``samsegment serve`` server (the local one Slicer starts for itself,
+or a remote one; see ``server_link``), made with ``SAMSegmentLib.client`` over non-blocking
+sockets. ``poll()``, called from the module's 40 ms timer (or the effect's), advances the requests
+a few milliseconds at a time and does every MRML write on the calling thread. Headless callers
+(the Python console, tests) use the blocking variants, which run the same requests to their end.
 
 Usable from Slicer's Python console without any widget::
 
     from SAMSegmentSlicer.logic import SAMSegmentCore
     core = SAMSegmentCore(slicer.mrmlScene)
+    core.use_server("http://127.0.0.1:8765", token)        # or core.use_link(local server link)
     core.set_inputs(volumeNode, segmentationNode)
     view = core.view_slice(slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode())
     core.segment(view, Prompts(box=[40, 30, 90, 80]))
     core.accept()
     core.propagate("both")
 
-Threads: the engine's inference worker and the propagation/prompt threads never touch MRML. They
-hand results to queues that ``poll()`` drains on the calling (GUI) thread, where all node writes
-happen. Headless callers can use the blocking variants, which write on the calling thread too.
+Requests that change the server session's state (volume, prompts, refinement, undo, reset, job
+starts) go through one ordered lane; a newer prompt replaces one still waiting. A job's progress is
+followed beside the lane, so the user can keep prompting while a propagation runs.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 
+from SAMSegmentLib.client import (Flow, Operation, PropagationCollector, PropagationInterrupted, RemoteSession,
+                                  ServerError, ServerUnreachable)
 from SAMSegmentLib.errors import SAMSegmentError
 from SAMSegmentLib.preprocessing import IntensityWindow
 from SAMSegmentLib.prompts import Prompts
-from SAMSegmentLib.propagation import PromptPolicy, PropagationResult, SliceOutcome, StopRules, propagate
+from SAMSegmentLib.propagation import PropagationResult, SliceOutcome, StopRules
 from SAMSegmentLib.volume import SliceRef
-from SAMSegmentLib.worker import PRIORITY_INTERACTIVE, CancelToken
+from SAMSegmentLib.worker import CancelToken
 
 from .geometry import ViewSlice, vtk_to_numpy_matrix, view_slice as _view_slice
 from .markups_prompts import MarkupsPrompts
 from .preview import PreviewOverlay
 from .segment_io import EditSink, SegmentWriter, segment_array
+from .server_link import RemoteServer
 
 log = logging.getLogger("SAMSegment")
 
 WINDOW_FROM_DISPLAY = "display"
+# A propagation interrupted by a local server that died is resumed at most this many times.
+MAX_RESUMES = 3
 
 
 def window_from_display(volume_node) -> IntensityWindow | None:
@@ -56,23 +68,32 @@ def window_from_display(volume_node) -> IntensityWindow | None:
 
 @dataclass
 class PropagationJob:
-    """A propagation running on a background thread; ``poll()`` writes its slices on the GUI thread."""
+    """A propagation on the server; ``poll_propagation()`` writes its slices on the GUI thread.
+
+    ``interrupted``: the slices received before the server went away (``resume_propagation``
+    continues from there); ``resumes``: how often it was resumed."""
 
     axis: int
     segment_id: str
+    anchors: dict[int, np.ndarray]
+    direction: str
+    rules: StopRules | None
     cancel: CancelToken = field(default_factory=CancelToken)
-    slices: "queue.Queue[tuple[int, np.ndarray, SliceOutcome]]" = field(default_factory=queue.Queue)
+    slices: "deque[tuple[int, np.ndarray, SliceOutcome]]" = field(default_factory=deque)
     progress: tuple[int, int, str] = (0, 0, "")
     result: PropagationResult | None = None
+    interrupted: PropagationResult | None = None
     error: BaseException | None = None
     written: list[int] = field(default_factory=list)
-    thread: threading.Thread | None = None
-    finished: bool = False  # set by poll() once the thread ended and every slice is written
+    resumes: int = 0
+    running: bool = False
+    finished: bool = False  # set by poll_propagation() once the run ended and every slice is written
 
 
 @dataclass
 class BackgroundTask:
-    """Engine work on a thread; ``finish(result)`` then runs on the GUI thread in ``poll_task``."""
+    """A server job (everything mode, SAMAug, uncertainty); ``finish(result)`` runs on the GUI thread
+    in ``poll_task``."""
 
     name: str
     finish: Callable[[Any], Any]
@@ -81,27 +102,36 @@ class BackgroundTask:
     result: Any = None
     output: Any = None
     error: BaseException | None = None
-    thread: threading.Thread | None = None
+    ended: bool = False
     finished: bool = False
 
 
+@dataclass
+class _LaneItem:
+    kind: str
+    make: Callable[[], Flow]
+    done: Callable[[Any], None] | None = None
+    failed: Callable[[BaseException], None] | None = None
+    retried: bool = False
+
+
 class SAMSegmentCore:
-    """One volume, one segmentation, one target segment, one engine session."""
+    """One volume, one segmentation, one target segment, one session on a SAMSegment server."""
 
     def __init__(self, scene=None, app_logic=None, segment_editor: Callable[[], Any] | None = None,
-                 autoload: bool = True) -> None:
+                 link: Any = None) -> None:
         """``segment_editor``: returns the Segment Editor module's editor widget if it exists (its
-        undo state is saved before our writes into the segmentation it edits); ``autoload``: load
-        the model on first use (False for the SAM effect, which loads it on activation, never inside
-        a mouse handler)."""
+        undo state is saved before our writes into the segmentation it edits); ``link``: the
+        server to use (``server_link.RemoteServer`` / ``LocalServerLink``; ``use_link`` later)."""
         import slicer
 
         self.scene = scene if scene is not None else slicer.mrmlScene
         self.app_logic = app_logic
         self.segment_editor = segment_editor
-        self.autoload = autoload
-        self.session: Any = None
-        self.model_key: tuple[Any, ...] | None = None
+        self.link: Any = link
+        self.session: RemoteSession | None = None
+        self.model_id: str | None = None
+        self.box_margin_enabled = True
         self.volume_node = None
         self.segmentation_node = None
         self.segment_id: str | None = None
@@ -110,82 +140,190 @@ class SAMSegmentCore:
         self.preview: PreviewOverlay | None = None
         self.writer: SegmentWriter | None = None
         self._window_request: Any = WINDOW_FROM_DISPLAY
-        self._owns_session = True
-        self.current = None  # latest Prediction shown in the preview
+        self.current = None  # latest prediction shown in the preview
         self.current_view: ViewSlice | None = None
+        self.current_prompts: Prompts | None = None
         self.write_mode = "replace"
         self.last_timing: dict[str, float] = {}
         self._last_index: dict[int, int] = {}
         self._scroll: int = 0
         self.on_error: Callable[[BaseException], None] | None = None
         self.last_error: BaseException | None = None
-        self._pending: "queue.Queue[tuple[int, Any]]" = queue.Queue()
+        self.status = "not connected"
+        # the server connection and the request lane
+        self._connected = False
+        self._connect_op: Operation | None = None
+        self._target: tuple[str | None, str | None] = (None, None)
+        self._volume_sent = False
+        self._lane: deque[_LaneItem] = deque()
+        self._active: tuple[_LaneItem, Operation] | None = None
+        self._side: list[tuple[Operation, Callable[[Any], None], Callable[[BaseException], None]]] = []
         self._request_generation = 0
-        self._request_thread: threading.Thread | None = None
-        self._request_lock = threading.Lock()
-        self._next_request: tuple[int, ViewSlice, Prompts] | None = None
+        self._shown_generation = 0
+        self._result: tuple[int, ViewSlice, Any, Prompts | None] | None = None
+        self._jobs: list[PropagationJob] = []
 
-    # ---------------------------------------------------------------- model
-    def load_model(self, model_id: str | None = None, checkpoint: str | None = None, device: str | None = None,
-                   runtime: str | None = None) -> Any:
-        """Create (or keep) the engine session; the volume is handed over to a new session."""
-        from SAMSegmentLib.model_registry import default_model_id
-        from SAMSegmentLib.session import SegmentationSession
+    # ---------------------------------------------------------------- server
+    def use_link(self, link: Any) -> None:
+        """Use ``link`` (a ``server_link`` object) from now on; the volume is sent again."""
+        if link is self.link:
+            return
+        self._disconnect()
+        self.link = link
 
-        model_id = model_id or default_model_id()
-        key = (model_id, str(checkpoint or ""), device or "", runtime or "")
-        if self.session is not None and self.model_key == key:
-            return self.session
-        kwargs: dict[str, Any] = {}
-        if runtime:
-            kwargs["runtime"] = runtime
-        session = SegmentationSession(model=model_id, checkpoint=checkpoint, device=device, **kwargs)
-        if self.session is not None and self._owns_session:
-            self.session.close()
-        self.session, self.model_key, self._owns_session = session, key, True
-        if self.volume_node is not None:
-            self._load_volume()
-        return session
+    def use_server(self, url: str, token: str | None) -> None:
+        """A remote (or already running) server at ``url`` with API key ``token``."""
+        self.use_link(RemoteServer(url, token))
 
-    def use_session(self, session: Any, own: bool = True) -> None:
-        """Adopt an existing engine session (e.g. one whose model is already loaded).
+    def load_model(self, model_id: str | None = None) -> None:
+        """Use the server's ``model_id`` (None: its default); the session is reopened with it."""
+        if model_id == self.model_id and self.session is not None:
+            return
+        self.model_id = model_id
+        self._disconnect()
 
-        ``own=False`` shares it (the SAM effect borrowing the module's session and its cache):
-        then ``close()`` leaves it running for its owner.
-        """
-        if self.session is not None and self.session is not session and self._owns_session:
-            self.session.close()
-        self.session, self.model_key, self._owns_session = session, ("external", id(session)), own
-        if self.volume_node is not None:
-            self._load_volume()
-
-    def close(self) -> None:
+    def _disconnect(self) -> None:
         self.cancel_requests()
-        if self.session is not None and self._owns_session:
-            self.session.close()
-        self.prompts.unobserve()
-        if self.preview is not None:
-            self.preview.remove()
-        if self.writer is not None:
-            self.writer.close()
+        for item in list(self._lane):
+            if item.failed is not None:
+                item.failed(SAMSegmentError("The server connection changed", "try again"))
+        self._lane.clear()
+        if self._active is not None:
+            self._active[1].cancel()
+            self._active = None
+        if self.session is not None and self.session.session_id is not None and self._connected:
+            self._side.append((self.session.close_op(), lambda _: None, lambda _: None))
+        self.session, self._connected, self._connect_op, self._volume_sent = None, False, None, False
+        self._target = (None, None)
 
-    def release_scene(self, *running: PropagationJob | BackgroundTask | None) -> None:
-        """The scene is about to close: cancel ``running`` work and forget every node.
+    def _ensure_connection(self) -> bool:
+        """Advance the connection (start/restart the local server, check the server's API); True
+        once requests can be made. Never blocks."""
+        if self.link is None:
+            raise SAMSegmentError("No SAMSegment server is configured",
+                                  "start the local server or give a server URL in the module's Server section")
+        state, url, token = self.link.poll()
+        if state == "failed":
+            self.status = "failed"
+            raise SAMSegmentError(self.link.error or "The SAMSegment server could not be started",
+                                  f"see the server log ({getattr(self.link, 'log_file', 'the server')})")
+        if state != "ready":
+            self.status = "starting the server"
+            self._connected = False
+            return False
+        if (url, token) != self._target:
+            self._target, self._connected, self._connect_op = (url, token), False, None
+            if self.session is None:
+                self.session = RemoteSession(url, token, model=self.model_id, connect=False)
+            else:
+                self.session.retarget(url, token)
+        if self.session is None:
+            self.session = RemoteSession(url, token, model=self.model_id, connect=False)
+        self.session.box_margin = None if self.box_margin_enabled else 0.0
+        if self._connected:
+            return True
+        if self._connect_op is None:
+            self._connect_op = self.session.connect_op()
+        if not self._connect_op.poll():
+            return False
+        op, self._connect_op = self._connect_op, None
+        op.result()  # raises why the server cannot be used (auth, version, model)
+        self._connected = True
+        self.status = f"connected to the {self.link.describe()} ({self.session.info.get('device', '?')})"
+        return True
 
-        Nothing is written afterwards: a cancelled propagation's remaining slices and a task's
-        ``finish`` are dropped instead of landing in the next scene. The model stays loaded.
-        """
-        for work in running:
-            if work is not None:
-                work.cancel.cancel()
-                work.finished = True
-        self.cancel_requests()
-        self.prompts.unobserve()
-        self.prompts = MarkupsPrompts(self.scene)
-        self.current, self.current_view = None, None
-        self.writer = self.preview = None
-        self.volume_node = self.segmentation_node = None
-        self.segment_id = None
+    def _server_lost(self, exc: BaseException) -> bool:
+        """``exc`` says the server is gone: True when the link restarts it (a local server), after
+        which the connection is checked again."""
+        if isinstance(exc, ServerUnreachable) or (isinstance(exc, PropagationInterrupted)
+                                                  and isinstance(exc.__cause__, ServerUnreachable)):
+            self._connected, self._target = False, (None, None)
+            return bool(getattr(self.link, "restartable", False))
+        return False
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    # ---------------------------------------------------------------- the request lane
+    def _enqueue(self, kind: str, make: Callable[[], Flow], done: Callable[[Any], None] | None = None,
+                 failed: Callable[[BaseException], None] | None = None, replace: bool = False) -> None:
+        if replace:  # a newer prompt supersedes one still waiting
+            self._lane = deque(item for item in self._lane if item.kind != kind)
+        self._lane.append(_LaneItem(kind, make, done, failed))
+        self._pump()
+
+    def _pump(self) -> None:
+        """Advance the connection, the lane and the side operations (never blocks for long)."""
+        if not self._ensure_connection():
+            return
+        if self.volume_node is not None and not self._volume_sent and not any(
+                item.kind == "volume" for item in self._lane) and (self._active is None
+                                                                   or self._active[0].kind != "volume"):
+            self._queue_volume()
+        while True:
+            if self._active is None:
+                if not self._lane:
+                    break
+                item = self._lane.popleft()
+                self._active = (item, self.session.operation(item.make()))
+            item, op = self._active
+            if not op.poll():
+                break
+            self._active = None
+            try:
+                value = op.result()
+            except BaseException as exc:  # noqa: BLE001 - handed to the item's owner
+                if self._server_lost(exc) and not item.retried:
+                    item.retried = True
+                    self._volume_sent = False
+                    self._lane.appendleft(item)
+                    return
+                if item.failed is not None:
+                    item.failed(exc)
+                else:
+                    self._report(exc)
+                continue
+            if item.done is not None:
+                item.done(value)
+        for entry in list(self._side):
+            op, done, failed = entry
+            if not op.poll():
+                continue
+            self._side.remove(entry)
+            try:
+                value = op.result()
+            except BaseException as exc:  # noqa: BLE001
+                failed(exc)
+                continue
+            done(value)
+
+    def _report(self, exc: BaseException) -> None:
+        self.last_error = exc
+        if self.on_error is not None:
+            self.on_error(exc)
+
+    @property
+    def busy(self) -> bool:
+        """Requests or jobs in flight (``poll()`` has more to do)."""
+        return bool(self._active or self._lane or self._side or self._connect_op
+                    or any(job.running for job in self._jobs))
+
+    def wait_idle(self, timeout: float = 300.0) -> None:
+        """Block until every request and job has ended (the console, tests)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.poll()
+            if not self.busy and (self._connected or self.link is None):
+                return
+            if time.monotonic() > deadline:
+                raise SAMSegmentError("The SAMSegment server did not finish in time",
+                                      "check that it is running (module's Server section) and its log")
+            wait = self._active[1] if self._active is not None else (self._side[0][0] if self._side else None)
+            if wait is not None:
+                wait.poll(wait=0.02)
+            else:
+                time.sleep(0.01)
 
     # ---------------------------------------------------------------- inputs
     def set_inputs(self, volume_node, segmentation_node, segment_id: str | None = None,
@@ -194,8 +332,8 @@ class SAMSegmentCore:
         """Bind the source volume, the segmentation and the target segment (created when missing).
 
         ``sink``: where writes go (the SAM effect passes itself); None = the module's own Segment
-        Editor logic, which follows the Segment Editor's masking/overlap settings.
-        Returns the target segment's id."""
+        Editor logic, which follows the Segment Editor's masking/overlap settings. The volume is
+        sent to the server in the background. Returns the target segment's id."""
         if volume_node is None:
             raise SAMSegmentError("No source volume selected", "select the volume to segment")
         if volume_node.GetImageData() is None:
@@ -222,9 +360,32 @@ class SAMSegmentCore:
             self.preview = PreviewOverlay(self.scene, volume_node)
         color = self.segmentation_node.GetSegmentation().GetSegment(self.segment_id).GetColor()
         self.preview.set_color(tuple(color))
-        if changed_volume and self.session is not None:
-            self._load_volume()
+        if changed_volume:
+            self.cancel_requests()
+            self.current, self.current_view, self.current_prompts = None, None, None
+            self._volume_sent = False
+            if self.link is not None:
+                self._queue_volume()
         return self.segment_id
+
+    def _queue_volume(self) -> None:
+        import slicer
+
+        self._lane = deque(item for item in self._lane if item.kind != "volume")
+        window = self._window_request
+        if window == WINDOW_FROM_DISPLAY:
+            window = window_from_display(self.volume_node)  # None -> automatic window
+        array = slicer.util.arrayFromVolume(self.volume_node)  # a view: copied in steps while uploading
+        self._volume_sent = True
+
+        def sent(win: IntensityWindow) -> None:
+            self.window = win
+
+        def failed(exc: BaseException) -> None:
+            self._volume_sent = False
+            self._report(exc)
+
+        self._lane.appendleft(_LaneItem("volume", lambda: self.session.set_volume_flow(array, window), sent, failed))
 
     def set_segment(self, segment_id: str) -> None:
         if self.segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
@@ -233,31 +394,23 @@ class SAMSegmentCore:
         if self.preview is not None:
             self.preview.set_color(tuple(self.segmentation_node.GetSegmentation().GetSegment(segment_id).GetColor()))
 
-    def _load_volume(self) -> None:
-        import slicer
-
-        array = slicer.util.arrayFromVolume(self.volume_node)
-        window = self._window_request
-        if window == WINDOW_FROM_DISPLAY:
-            window = window_from_display(self.volume_node)  # None -> automatic window
-        self.window = self.session.set_volume(np.array(array, copy=True), window)
-        self.current, self.current_view = None, None
-
     def _require(self) -> None:
-        if self.session is None:
-            if not self.autoload:
-                raise SAMSegmentError("The SAM model is not loaded", "select the SAM effect again to load it")
-            self.load_model()
         if self.volume_node is None or self.writer is None:
             raise SAMSegmentError("No source volume/segmentation selected", "call set_inputs(volume, segmentation)")
-        if not self.session.has_volume:
-            self._load_volume()
+        if self.link is None:
+            raise SAMSegmentError("No SAMSegment server is configured",
+                                  "start the local server or give a server URL in the module's Server section")
+
+    def _shape(self) -> tuple[int, int, int]:
+        """The volume's (K, J, I) shape, from the node (no server needed)."""
+        i, j, k = self.volume_node.GetImageData().GetDimensions()
+        return (k, j, i)
 
     # ---------------------------------------------------------------- views
     def view_slice(self, slice_node) -> ViewSlice:
         """The volume slice shown in ``slice_node`` (axis from the view's plane, not its name)."""
         self._require()
-        return _view_slice(self.volume_node, vtk_to_numpy_matrix(slice_node.GetSliceToRAS()), self.session.shape)
+        return _view_slice(self.volume_node, vtk_to_numpy_matrix(slice_node.GetSliceToRAS()), self._shape())
 
     def active_view(self, slice_nodes: list) -> ViewSlice | None:
         """The view whose plane holds the prompt the user changed last (None if none does).
@@ -286,31 +439,88 @@ class SAMSegmentCore:
         return self._scroll
 
     # ---------------------------------------------------------------- prompting
-    def warm(self, view: ViewSlice) -> Any:
-        """Start encoding ``view``'s slice on the worker, ahead of the neighbours it prefetches
-        (nothing when it is cached); the future resolves when the embedding is in the cache."""
+    def warm(self, view: ViewSlice) -> None:
+        """Ask the server to encode ``view``'s slice now (a mouse press: the box is still being
+        dragged) and its neighbours after it; returns at once."""
         self._require()
-        return self.session.encode_async(view.ref, PRIORITY_INTERACTIVE)
+        self._enqueue("warm", lambda: self.session.prefetch_flow(view.ref, radius=2, direction=self._scroll,
+                                                                 include_self=True), replace=True)
+
+    def request(self, view: ViewSlice, prompts: Prompts, refine: bool = False) -> int:
+        """Ask for the mask of ``prompts`` on ``view``'s slice; ``poll()`` shows it when it arrives.
+        A newer request replaces one not yet sent, and an older answer is never shown over a newer
+        one. Returns the request's number."""
+        self._require()
+        self._request_generation += 1
+        generation = self._request_generation
+        if prompts.is_empty:
+            self._enqueue("predict", lambda: self.session.reset_flow(view.ref),
+                          lambda _: self._deliver(generation, view, None, prompts), self._failed_request(generation),
+                          replace=True)
+            return generation
+        self._enqueue("predict", lambda: self.session.predict_flow(view.ref, prompts, refine=refine),
+                      lambda prediction: self._deliver(generation, view, prediction, prompts),
+                      self._failed_request(generation), replace=True)
+        return generation
+
+    def _deliver(self, generation: int, view: ViewSlice, prediction: Any, prompts: Prompts | None) -> None:
+        if generation == self._request_generation:
+            self._result = (generation, view, prediction, prompts)
+
+    def _failed_request(self, generation: int) -> Callable[[BaseException], None]:
+        def failed(exc: BaseException) -> None:
+            if generation == self._request_generation:
+                self._result = (generation, None, exc, None)  # type: ignore[arg-type]
+
+        return failed
+
+    def cancel_requests(self) -> None:
+        """Forget prompt requests not answered yet (their answers are dropped)."""
+        self._request_generation += 1
+        self._lane = deque(item for item in self._lane if item.kind not in ("predict", "warm"))
+        self._result = None
+
+    def poll(self) -> Any:
+        """On the GUI thread: advance every request; show the newest finished prompt result (and
+        return it); raise its error if it failed."""
+        self._pump()
+        self._poll_jobs()
+        if self._result is None:
+            return None
+        generation, view, prediction, prompts = self._result
+        self._result = None
+        if generation != self._request_generation:
+            return None
+        if view is None:
+            self.current = None
+            if self.preview is not None:
+                self.preview.clear()
+            self.last_error = prediction
+            raise prediction
+        self._present(view, prediction, prompts)
+        self._shown_generation = generation
+        return prediction
 
     def segment(self, view: ViewSlice, prompts: Prompts, refine: bool = True) -> Any:
         """Decode ``prompts`` on ``view``'s slice and show the result as the preview (blocking)."""
-        self._require()
         t0 = time.perf_counter()
-        prediction = None if prompts.is_empty else self.session.predict(view.ref, prompts, refine=refine)
-        t1 = time.perf_counter()
-        self._present(view, prediction)
-        self.last_timing = {"engine_s": t1 - t0, "mrml_s": time.perf_counter() - t1}
-        return prediction
+        generation = self.request(view, prompts, refine=refine)
+        prediction = self.wait_for_requests()
+        self.last_timing = {"engine_s": time.perf_counter() - t0}
+        return prediction if self._shown_generation == generation else None
 
-    def _present(self, view: ViewSlice, prediction: Any) -> None:
-        """Show ``prediction`` as the preview (None clears it) and encode neighbours ahead of the user."""
-        self.current, self.current_view = prediction, view
+    def _present(self, view: ViewSlice, prediction: Any, prompts: Prompts | None = None) -> None:
+        """Show ``prediction`` as the preview (None clears it) and have the server encode the
+        neighbours ahead of the user."""
+        self.current, self.current_view, self.current_prompts = prediction, view, prompts
         if prediction is None:
             if self.preview is not None:
                 self.preview.clear()
             return
         self.preview.show(view.axis, view.index, prediction.mask)
-        self.session.prefetch(view.ref, radius=2, direction=self._note_view(view))
+        direction = self._note_view(view)
+        self._enqueue("warm", lambda: self.session.prefetch_flow(view.ref, radius=2, direction=direction),
+                      replace=True)
 
     def update_from_markups(self, view: ViewSlice) -> Any:
         """Re-run the decoder with the markups prompts on ``view``'s slice (blocking)."""
@@ -347,79 +557,45 @@ class SAMSegmentCore:
 
         self.prompts.observe(changed)
 
-    # Asynchronous prompting: the GUI never waits for an encoder. Newer requests replace older ones.
-    def request(self, view: ViewSlice, prompts: Prompts) -> int:
-        self._require()
-        with self._request_lock:
-            self._request_generation += 1
-            self._next_request = (self._request_generation, view, prompts)
-            if self._request_thread is None or not self._request_thread.is_alive():
-                self._request_thread = threading.Thread(target=self._serve_requests, name="samsegment-prompts",
-                                                        daemon=True)
-                self._request_thread.start()
-            return self._request_generation
-
-    def _serve_requests(self) -> None:
-        while True:
-            with self._request_lock:
-                job, self._next_request = self._next_request, None
-            if job is None:
-                return
-            generation, view, prompts = job
-            try:
-                result = None if prompts.is_empty else self.session.predict(view.ref, prompts, refine=False)
-                self._pending.put((generation, (view, result, None)))
-            except BaseException as exc:  # noqa: BLE001 - handed to the GUI thread, not lost
-                self._pending.put((generation, (view, None, exc)))
-
-    def cancel_requests(self) -> None:
-        with self._request_lock:
-            self._request_generation += 1
-            self._next_request = None
-
-    def poll(self) -> Any:
-        """On the GUI thread: show the newest finished prompt result; raise its error if it failed."""
-        newest = None
-        while True:
-            try:
-                newest = self._pending.get_nowait()
-            except queue.Empty:
-                break
-        if newest is None:
-            return None
-        generation, (view, prediction, error) = newest
-        if generation != self._request_generation:
-            return None  # superseded by a newer request still running
-        if error is not None:
-            raise error
-        self._present(view, prediction)
-        return prediction
-
-    def wait_for_requests(self, timeout: float = 60.0) -> Any:
-        """Block until the latest request is shown (for scripts and tests)."""
+    def wait_for_requests(self, timeout: float = 120.0) -> Any:
+        """Block until the latest prompt request is shown (scripts and tests); its error is raised."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            thread = self._request_thread
-            finished = thread is None or not thread.is_alive()  # checked before draining: nothing left behind
+        while True:
             self.poll()
-            if finished and self._pending.empty():
+            pending = self._active is not None and self._active[0].kind in ("predict", "volume")
+            if not pending and not any(item.kind in ("predict", "volume") for item in self._lane) \
+                    and self._result is None and self._connected:
                 return self.current
-            time.sleep(0.005)
-        raise SAMSegmentError("Segmentation request did not finish in time", "check the Python console for errors")
+            if time.monotonic() > deadline:
+                raise SAMSegmentError("Segmentation request did not finish in time",
+                                      "check that the SAMSegment server is running and its log")
+            if self._active is not None:
+                self._active[1].poll(wait=0.02)
+            else:
+                time.sleep(0.005)
 
-    def undo_prompt(self) -> Any:
-        """Back to the previous proposal on the current slice (the preview only; segments untouched)."""
+    def undo_prompt(self) -> None:
+        """Back to the previous proposal on the current slice (the preview only; segments untouched);
+        ``poll()`` shows it."""
         if self.current_view is None:
-            return None
-        previous = self.session.undo(self.current_view.ref)
-        self._present(self.current_view, previous)
-        return previous
+            return
+        view = self.current_view
+        self._request_generation += 1
+        generation = self._request_generation
+        self._enqueue("undo", lambda: self.session.undo_flow(view.ref),
+                      lambda previous: self._deliver(generation, view, previous, None),
+                      self._failed_request(generation))
+
+    def reset_prompts(self, ref: SliceRef) -> None:
+        """Forget the server's prompt history on ``ref`` (the next prompt starts afresh)."""
+        if self.session is not None or self.link is not None:
+            self._enqueue("reset", lambda: self.session.reset_flow(ref))
 
     def clear(self) -> None:
         """Drop the proposal and the prompts; the segment keeps what was applied."""
         self.cancel_requests()
-        if self.current_view is not None and self.session is not None:
-            self.session.reset(self.current_view.ref)
+        if self.current_view is not None and self.link is not None:
+            self.reset_prompts(self.current_view.ref)
         self.current = None
         if self.preview is not None:
             self.preview.clear()
@@ -453,13 +629,16 @@ class SAMSegmentCore:
         return {int(i): np.take(arr, int(i), axis=axis).astype(bool) for i in filled}
 
     def start_propagation(self, direction: str = "both", axis: int | None = None, rules: StopRules | None = None,
-                          policy: PromptPolicy | None = None) -> PropagationJob:
-        """Propagate the target segment from its non-empty slices on a background thread.
+                          policy: Any = None) -> PropagationJob:
+        """Propagate the target segment from its non-empty slices on the server.
 
         One undo state is saved before the first slice is written, so the whole run (even a
-        cancelled one) is undone in one step. Call ``poll_propagation`` from the GUI thread.
-        """
+        cancelled or interrupted one) is undone in one step. Call ``poll_propagation`` from the
+        GUI thread; slices are written as they arrive."""
         self._require()
+        if policy is not None:
+            raise SAMSegmentError("A custom prompt policy cannot be sent to a server",
+                                  "use the server's propagation (StopRules); policies run in SAMSegmentLib only")
         if axis is None:
             axis = self.current_view.axis if self.current_view is not None else 0
         anchors = self.anchors(axis)
@@ -467,38 +646,75 @@ class SAMSegmentCore:
             raise SAMSegmentError("The target segment is empty along this view's axis",
                                   "segment and apply at least one slice, then propagate")
         self.writer.save_state_for_undo()
-        job = PropagationJob(axis=axis, segment_id=self.segment_id)
+        job = PropagationJob(axis=axis, segment_id=self.segment_id, anchors=anchors, direction=direction, rules=rules)
+        self._jobs.append(job)
+        self._launch(job)
+        return job
+
+    def resume_propagation(self, job: PropagationJob) -> PropagationJob:
+        """Continue ``job`` after its server went away: the same request is sent again and only the
+        slices not written yet are written (same undo step)."""
+        if job.interrupted is None:
+            raise SAMSegmentError("This propagation was not interrupted", "start a new propagation")
+        job.error, job.finished, job.resumes = None, False, job.resumes + 1
+        if job not in self._jobs:
+            self._jobs.append(job)
+        self._launch(job)
+        return job
+
+    def _launch(self, job: PropagationJob) -> None:
+        """Start ``job``'s server job in the lane, then follow it beside the lane."""
+        job.running = True
 
         def on_slice(ref: SliceRef, mask: np.ndarray, outcome: SliceOutcome) -> None:
-            job.slices.put((ref.index, mask, outcome))
+            job.slices.append((ref.index, mask, outcome))
 
         def progress(done: int, total: int, message: str) -> None:
             job.progress = (done, total, message)
 
-        def run() -> None:
-            try:
-                job.result = propagate(self.session, axis, anchors, direction, rules=rules, policy=policy,
-                                       on_slice=on_slice, progress=progress, cancel=job.cancel)
-            except BaseException as exc:  # noqa: BLE001 - surfaced by poll_propagation
-                job.error = exc
+        collector = PropagationCollector(job.axis, on_slice, job.interrupted)
+        params = RemoteSession.propagation_params(job.axis, job.anchors, job.direction, job.rules)
 
-        job.thread = threading.Thread(target=run, name="samsegment-propagation", daemon=True)
-        job.thread.start()
-        return job
+        def ended(result: PropagationResult) -> None:
+            job.result, job.interrupted, job.running = result, None, False
+
+        def failed(exc: BaseException) -> None:
+            if isinstance(exc, ServerError):
+                exc = collector.interrupted(exc)
+            if isinstance(exc, PropagationInterrupted):
+                job.interrupted = exc.partial
+                # a local server that died is restarted; a server that is up but lost the job
+                # (restarted, another replica) takes it again; an unreachable remote one waits for the user
+                resumable = self._server_lost(exc) or not isinstance(exc.__cause__, ServerUnreachable)
+                if resumable and job.resumes < MAX_RESUMES and not job.cancel.cancelled:
+                    log.warning("SAMSegment server lost during propagation; resuming (%d slices kept)",
+                                len(exc.partial.masks))
+                    job.resumes += 1
+                    self._volume_sent = False
+                    self._launch(job)
+                    return
+            job.error, job.running = exc, False
+
+        def started(job_id: str) -> None:
+            self._side.append((self.session.operation(self.session.follow_job_flow(job_id, progress, job.cancel,
+                                                                                     collector.add)),
+                               lambda done: ended(collector.finish(done)), failed))
+
+        self._enqueue("job", lambda: self.session.start_job_flow("propagate", **params), started, failed)
+
+    def _poll_jobs(self) -> None:
+        self._jobs = [job for job in self._jobs if job.running or job.slices]
 
     def poll_propagation(self, job: PropagationJob) -> list[int]:
         """Write every slice decided so far (GUI thread); mark the job finished when it is done."""
-        alive = job.thread is not None and job.thread.is_alive()
+        self._pump()
         written = []
-        while True:
-            try:
-                index, mask, _ = job.slices.get_nowait()
-            except queue.Empty:
-                break
+        while job.slices:
+            index, mask, _ = job.slices.popleft()
             self.writer.write_slice(job.segment_id, job.axis, index, mask, "replace", save_undo=False)
             job.written.append(index)
             written.append(index)
-        if not alive and job.slices.empty():
+        if not job.running and not job.slices and not job.finished:
             job.finished = True
             if job.error is not None:
                 error, job.error = job.error, None
@@ -506,43 +722,49 @@ class SAMSegmentCore:
         return written
 
     def propagate(self, direction: str = "both", axis: int | None = None, rules: StopRules | None = None,
-                  policy: PromptPolicy | None = None, cancel_after: int | None = None,
-                  progress: Callable[[int, int, str], None] | None = None) -> PropagationJob:
+                  policy: Any = None, cancel_after: int | None = None,
+                  progress: Callable[[int, int, str], None] | None = None, timeout: float = 600.0) -> PropagationJob:
         """Blocking propagation for the console and tests; ``cancel_after`` cancels after N written slices."""
         job = self.start_propagation(direction, axis, rules, policy)
+        deadline = time.monotonic() + timeout
         while not job.finished:
             self.poll_propagation(job)
             if progress is not None:
                 progress(*job.progress)
             if cancel_after is not None and len(job.written) >= cancel_after:
                 job.cancel.cancel()
+            if time.monotonic() > deadline:
+                job.cancel.cancel()
+                raise SAMSegmentError("The propagation did not finish in time", "check the server and its log")
             time.sleep(0.01)
         return job
 
-    # ---------------------------------------------------------------- long engine tasks
-    def start_task(self, name: str, compute: Callable[..., Any], finish: Callable[[Any], Any]) -> BackgroundTask:
-        """Run ``compute(progress=..., cancel=...)`` on a thread; MRML work goes in ``finish``."""
+    # ---------------------------------------------------------------- long server jobs
+    def start_task(self, name: str, make: Callable[[Callable[[int, int, str], None], CancelToken], Flow],
+                   finish: Callable[[Any], Any]) -> BackgroundTask:
+        """Run the flow ``make(progress, cancel)`` (a server job, e.g. ``session.everything_flow``)
+        in the lane; ``finish(result)`` (the MRML work) runs in ``poll_task`` on the GUI thread."""
         self._require()
         task = BackgroundTask(name, finish)
 
         def progress(done: int, total: int, message: str) -> None:
             task.progress = (done, total, message)
 
-        def run() -> None:
-            try:
-                task.result = compute(progress=progress, cancel=task.cancel)
-            except BaseException as exc:  # noqa: BLE001 - surfaced by poll_task
-                task.error = exc
+        def done(value: Any) -> None:
+            task.result, task.ended = value, True
 
-        task.thread = threading.Thread(target=run, name=f"samsegment-{name}", daemon=True)
-        task.thread.start()
+        def failed(exc: BaseException) -> None:
+            task.error, task.ended = exc, True
+
+        self._enqueue("task", lambda: make(progress, task.cancel), done, failed)
         return task
 
     def poll_task(self, task: BackgroundTask) -> bool:
         """On the GUI thread: True once the task ended (its ``finish`` ran, or its error is raised)."""
         if task.finished:
             return True
-        if task.thread is not None and task.thread.is_alive():
+        self._pump()
+        if not task.ended:
             return False
         task.finished = True
         if task.error is not None:
@@ -550,17 +772,64 @@ class SAMSegmentCore:
         task.output = task.finish(task.result)
         return True
 
-    def run_task(self, name: str, compute: Callable[..., Any], finish: Callable[[Any], Any]) -> Any:
+    def run_task(self, name: str, make: Callable[..., Flow], finish: Callable[[Any], Any],
+                 timeout: float = 600.0) -> Any:
         """Blocking variant for the console and tests."""
-        task = self.start_task(name, compute, finish)
+        task = self.start_task(name, make, finish)
+        deadline = time.monotonic() + timeout
         while not self.poll_task(task):
+            if time.monotonic() > deadline:
+                task.cancel.cancel()
+                raise SAMSegmentError(f"{name} did not finish in time", "check the server and its log")
             time.sleep(0.01)
         return task.output
+
+    # ---------------------------------------------------------------- lifecycle
+    def close(self) -> None:
+        """Cancel running work, close the server session (in the background when it cannot wait)
+        and remove the preview."""
+        for job in self._jobs:
+            job.cancel.cancel()
+        self.cancel_requests()
+        if self.session is not None and self._connected and self.session.session_id is not None:
+            try:
+                self.session.close_op().wait(timeout=2.0)
+            except SAMSegmentError:
+                pass
+        self.prompts.unobserve()
+        if self.preview is not None:
+            self.preview.remove()
+        if self.writer is not None:
+            self.writer.close()
+
+    def release_scene(self, *running: PropagationJob | BackgroundTask | None) -> None:
+        """The scene is about to close: cancel ``running`` work and forget every node.
+
+        Nothing is written afterwards: a cancelled propagation's remaining slices and a task's
+        ``finish`` are dropped instead of landing in the next scene. The server connection stays.
+        """
+        for work in running:
+            if work is not None:
+                work.cancel.cancel()
+                work.finished = True
+        for job in self._jobs:
+            job.cancel.cancel()
+            job.slices.clear()
+        self._jobs.clear()
+        self.cancel_requests()
+        self._lane = deque(item for item in self._lane if item.kind == "reset")
+        self.prompts.unobserve()
+        self.prompts = MarkupsPrompts(self.scene)
+        self.current, self.current_view, self.current_prompts = None, None, None
+        self.writer = self.preview = None
+        self.volume_node = self.segmentation_node = None
+        self.segment_id = None
+        self._volume_sent = False
 
     # ---------------------------------------------------------------- module panel support
     @staticmethod
     def model_ids() -> list[str]:
-        """The models of the registry, for the model selector."""
+        """The models of the registry, for the model selector (the server's list once connected)."""
         from SAMSegmentLib.model_registry import load_registry
 
         return list(load_registry())
@@ -572,35 +841,18 @@ class SAMSegmentCore:
 
         return default_model_id()
 
-    @staticmethod
-    def ensure_dependencies(confirm: Callable[[str], bool]) -> bool:
-        """Install missing packages with the user's consent (PyTorch through its extension);
-        True when everything is present. Raises DependencyError when installing failed."""
-        import slicer
-
-        from . import dependencies
-
-        install_torch = None
-        try:
-            import PyTorchUtils  # the PyTorch extension
-
-            torch_logic = PyTorchUtils.PyTorchUtilsLogic()
-            install_torch = lambda: torch_logic.installTorch(askConfirmation=False,  # noqa: E731
-                                                             torchVersionRequirement=">=2.1")
-        except ImportError:
-            pass
-        return dependencies.ensure(confirm, install_torch, slicer.util.pip_install)
-
     def set_box_margin(self, enabled: bool) -> None:
         """Widen the user's boxes by the model's margin (models.json), or take them as drawn; the
-        next prompt uses it. Before a model is loaded there is nothing to set."""
-        if self.session is not None:
-            self.session.box_margin = self.session.backend.spec.box_margin if enabled else 0.0
+        server session is reopened with the setting (its prompt history starts afresh)."""
+        if enabled != self.box_margin_enabled:
+            self.box_margin_enabled = enabled
+            if self.session is not None:
+                self.session.box_margin = None if enabled else 0.0
+                self._volume_sent = False  # the next pump reopens the session (the volume stays on the server)
 
     def configure_from_parameters(self, params: Any, segment_id: str | None = None) -> None:
-        """Load model, volume, segmentation and markups named by the module's parameter node."""
-        device = None if params.device == "auto" else params.device
-        self.load_model(params.model or None, params.checkpoint or None, device)
+        """Model, volume, segmentation and markups named by the module's parameter node."""
+        self.load_model(params.model or None)
         self.set_box_margin(getattr(params, "boxMargin", True))
         window = WINDOW_FROM_DISPLAY if params.windowFromDisplay else None
         sid = self.set_inputs(params.inputVolume, params.segmentation, segment_id or params.segmentID or None,
@@ -630,15 +882,18 @@ class SAMSegmentCore:
     def describe_job(job: PropagationJob) -> str:
         """One line for the status bar: how many slices, and why each direction stopped."""
         if job.result is None:
+            if job.interrupted is not None:
+                return (f"Propagation interrupted: {len(job.written)} slices written and kept. Press Propagate "
+                        "to resume once the server is back (one Undo removes them all).")
             return f"Propagation wrote {len(job.written)} slices."
         stops = "; ".join(f"{'up' if s.direction > 0 else 'down'} from {s.anchor}: {s.reason.value}"
                           for s in job.result.stops)
         head = "Propagation cancelled" if job.result.cancelled else "Propagation done"
-        return f"{head}: {len(job.written)} slices written ({stops}). One Undo removes them all."
+        resumed = f" (resumed {job.resumes}x after the server restarted)" if job.resumes else ""
+        return f"{head}{resumed}: {len(job.written)} slices written ({stops}). One Undo removes them all."
 
-    # ---------------------------------------------------------------- status
-    def cache_status(self) -> dict[str, float]:
-        if self.session is None:
-            return {"slices": 0, "mib": 0.0}
-        cache = self.session.cache
-        return {"slices": len(cache), "mib": cache.bytes_used / 2**20}
+    def server_status(self) -> str:
+        """One line for the panel: where the engine runs and what it is doing."""
+        if self.link is None:
+            return "No server configured"
+        return f"{self.status}; {'working' if self.busy else 'idle'}" if self._connected else self.status

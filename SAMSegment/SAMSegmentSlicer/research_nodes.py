@@ -1,9 +1,11 @@
 """Everything mode, SAMAug priors and prompt-robustness uncertainty, as MRML nodes.
 
-The engine computes numpy arrays (SAMSegmentLib.automatic / samaug / uncertainty); this module
-puts them into the scene with the source volume's geometry: a new segmentation with one segment
-per found region, two new scalar volumes for the SAMAug prior maps, and a toggleable outline of
-the uncertain pixels over the current proposal. Nothing existing is modified.
+The server computes numpy arrays (its jobs run SAMSegmentLib.automatic / samaug / uncertainty);
+the ``*_flow`` functions here are those requests, run by ``SAMSegmentCore.start_task`` /
+``run_task``, whose ``finish`` step builds the nodes on the GUI thread with the source volume's
+geometry: a new segmentation with one segment per found region, two new scalar volumes for the
+SAMAug prior maps, and a toggleable outline of the uncertain pixels over the current proposal.
+Nothing existing is modified.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from SAMSegmentLib.client import Flow
 from SAMSegmentLib.errors import SAMSegmentError
 from SAMSegmentLib.prompts import Prompts
 from SAMSegmentLib.volume import SliceRef, set_slice
@@ -54,43 +57,36 @@ def labels_to_segmentation(scene, source_volume, labels: np.ndarray, name: str):
     return seg
 
 
-def everything_labels(core: Any, view: ViewSlice | None = None, axis: int | None = None, params: Any = None,
-                      progress: Callable[[int, int, str], None] | None = None,
-                      cancel: CancelToken | None = None) -> tuple[np.ndarray, str]:
-    """Everything mode on ``view``'s slice, or on every slice along ``axis`` (regions linked in 3D).
-
-    Pure computation (safe on a worker thread): a (K, J, I) label array and a name for the result.
-    """
-    from SAMSegmentLib.automatic import everything_slice, everything_volume, regions_to_labels
-
-    core._require()
+def everything_flow(core: Any, view: ViewSlice | None = None, axis: int | None = None, params: Any = None,
+                    progress: Callable[[int, int, str], None] | None = None,
+                    cancel: CancelToken | None = None) -> Flow:
+    """Everything mode on ``view``'s slice, or on every slice along ``axis`` (regions linked in 3D),
+    as a server request. Returns a (K, J, I) label array and a name for the result."""
     session = core.session
+    name = core.volume_node.GetName()
     if view is not None:
-        regions = everything_slice(session, view.ref, params, progress=progress, cancel=cancel)
+        plane = yield from session.everything_flow(view.axis, view.index, params, progress, cancel)
         labels = np.zeros(session.shape, dtype=np.int32)
-        set_slice(labels, view.ref, regions_to_labels(regions, session.slice_image(view.ref).shape))
-        return labels, f"{core.volume_node.GetName()} everything (slice {view.index})"
+        set_slice(labels, view.ref, plane)
+        return labels, f"{name} everything (slice {view.index})"
     if axis is not None:
-        labels = everything_volume(session, axis, params=params, progress=progress, cancel=cancel)
-        return labels, f"{core.volume_node.GetName()} everything"
+        labels = yield from session.everything_flow(axis, None, params, progress, cancel)
+        return labels, f"{name} everything"
     raise SAMSegmentError("Everything mode needs a slice view or an axis", "pass view=... or axis=...")
 
 
 def everything_to_segmentation(core: Any, view: ViewSlice | None = None, axis: int | None = None,
-                               params: Any = None, progress: Callable[[int, int, str], None] | None = None,
-                               cancel: CancelToken | None = None):
+                               params: Any = None):
     """Everything mode into a new segmentation node (one segment per region); blocking."""
-    labels, name = everything_labels(core, view, axis, params, progress, cancel)
-    return labels_to_segmentation(core.scene, core.volume_node, labels, name)
+    return core.run_task("everything mode", lambda progress, cancel: everything_flow(core, view, axis, params,
+                                                                                      progress, cancel),
+                         lambda result: labels_to_segmentation(core.scene, core.volume_node, *result))
 
 
-def samaug_arrays(core: Any, axis: int = 0, params: Any = None, progress: Callable[[int, int, str], None] | None = None,
-                  cancel: CancelToken | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """SAMAug (segmentation prior, boundary prior) of every slice; safe on a worker thread."""
-    from SAMSegmentLib.samaug import samaug_volume
-
-    core._require()
-    return samaug_volume(core.session, axis, params, progress=progress, cancel=cancel)
+def samaug_flow(core: Any, axis: int = 0, params: Any = None, progress: Callable[[int, int, str], None] | None = None,
+                cancel: CancelToken | None = None) -> Flow:
+    """SAMAug (segmentation prior, boundary prior) of every slice along ``axis``, as a server request."""
+    return (yield from core.session.samaug_flow(axis, None, params, progress, cancel))
 
 
 def priors_to_volumes(core: Any, seg_prior: np.ndarray, boundary_prior: np.ndarray) -> tuple[Any, Any]:
@@ -107,18 +103,31 @@ def priors_to_volumes(core: Any, seg_prior: np.ndarray, boundary_prior: np.ndarr
     return nodes[0], nodes[1]
 
 
-def show_uncertainty(core: Any, view: ViewSlice | None = None, prompts: Prompts | None = None, n: int = 16,
-                     jitter: float = 0.1, seed: int = 0, visible: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Jitter the current prompt, overlay the pixels the samples disagree on; returns (mean, entropy)."""
-    from SAMSegmentLib.uncertainty import prompt_uncertainty
-
-    core._require()
+def uncertainty_flow(core: Any, view: ViewSlice | None = None, prompts: Prompts | None = None, n: int = 16,
+                     jitter: float = 0.1, seed: int = 0) -> Flow:
+    """Jitter the current prompt on the server: (view, mean probability, entropy) of the samples."""
     view = view or core.current_view
-    if prompts is None and core.current is not None:
-        prompts = core.current.prompts
+    if prompts is None:
+        prompts = core.current_prompts
     if view is None or prompts is None:
         raise SAMSegmentError("No prompt to measure the uncertainty of", "segment a slice first")
-    mean, entropy = prompt_uncertainty(core.session, SliceRef(view.axis, view.index), prompts, n=n, jitter=jitter,
-                                       seed=seed, measure="entropy")
+    mean, entropy = yield from core.session.uncertainty_flow(SliceRef(view.axis, view.index), prompts, n=n,
+                                                             jitter=jitter, seed=seed, measure="entropy")
+    return view, mean, entropy
+
+
+def overlay_uncertainty(core: Any, view: ViewSlice, entropy: np.ndarray, visible: bool = True) -> None:
+    """Outline the pixels the jittered prompts disagree on over the preview."""
     core.preview.show_uncertainty(view.axis, view.index, entropy >= UNCERTAIN_ENTROPY_BITS, visible)
-    return mean, entropy
+
+
+def show_uncertainty(core: Any, view: ViewSlice | None = None, prompts: Prompts | None = None, n: int = 16,
+                     jitter: float = 0.1, seed: int = 0, visible: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Jitter the current prompt, overlay the pixels the samples disagree on; returns (mean, entropy). Blocking."""
+    def finish(result: tuple[ViewSlice, np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        shown, mean, entropy = result
+        overlay_uncertainty(core, shown, entropy, visible)
+        return mean, entropy
+
+    return core.run_task("uncertainty", lambda progress, cancel: uncertainty_flow(core, view, prompts, n, jitter, seed),
+                         finish)

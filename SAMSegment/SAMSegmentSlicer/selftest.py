@@ -181,6 +181,7 @@ def run_effect_flow(scene) -> dict[str, Any]:
     xy_to_ras = vtk_to_numpy_matrix(node.GetXYToRAS())
     xy = [tuple((np.linalg.inv(xy_to_ras) @ np.r_[p, 1.0])[:2]) for p in (a, b)]
     effect.controller.handle(node, Action("box", xy[0], xy[1]))
+    effect.controller.wait()  # the effect's timer shows the preview when the server answers
     effect.onApply()
     written = segment_array(seg, segment_id, volume)
     plane = np.take(truth, view.index, view.axis)

@@ -6,7 +6,9 @@ on, puts that module in ``sys.modules`` under the folder's name
 So this folder is not a package and nothing imports it; the Qt-free helpers live in the
 ``SAMSegmentSlicer`` package, which stays intact.
 
-Left-drag = box, left-click = include point, Ctrl/Shift-click = exclude point. The proposal is a
+Left-drag = box, left-click = include point, Ctrl/Shift-click = exclude point. Every model call is a request
+to the SAMSegment server (``SAMSegmentSlicer.server_link``), advanced by the effect's 40 ms timer,
+so no mouse handler waits for the model. The proposal is a
 preview; Apply (or Enter) writes it through the Segment Editor, so its undo/redo, masking and
 overlap settings apply as for any built-in effect; Cancel drops it. Esc is the Segment Editor's
 shortcut for leaving the effect (which also drops the preview).
@@ -42,6 +44,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
         self.controller: EffectController | None = None
         self._rubberBand = {}
+        self._timer = None  # created on activation (a QTimer polling the server requests)
 
     def clone(self):
         import qSlicerSegmentationsEditorEffectsPythonQt as effects
@@ -82,41 +85,61 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     # ---------------------------------------------------------------- lifecycle
     def activate(self):
-        """Ask to install missing packages (with consent), then load the model with a wait cursor:
-        never inside a mouse handler. The effect has its own engine session; it neither creates the
-        SAMSegment module's widget nor borrows its session."""
+        """Connect to the SAMSegment server chosen in the module's Server section (the local one is
+        started if needed, and shared with the module); nothing here waits for it: the effect's timer
+        advances the connection and the requests. The model never runs in Slicer's process."""
+        from SAMSegmentSlicer import server_link
+
         try:
+            env_dir, log_file = server_link.local_paths(slicer.app.slicerUserSettingsFilePath)
+            link = server_link.link_from_settings(slicer.app.userSettings(), env_dir, log_file)
+            if isinstance(link, server_link.LocalServerLink) and not link.installed and link.setup_run is None:
+                self._status(_("The SAMSegment server is not set up yet: open the SAMSegment module and press Start "
+                               "(it asks before installing anything)."), error=True)
+                return
             if self.controller is None:
-                core = SAMSegmentCore(slicer.mrmlScene, slicer.app.applicationLogic(), autoload=False)
-                if not core.ensure_dependencies(slicer.util.confirmOkCancelDisplay):
-                    self._status(_("SAM needs Python packages that are not installed yet."), error=True)
-                    return
                 import qSlicerSegmentationsEditorEffectsPythonQt as effects
 
                 base = effects.qSlicerSegmentEditorAbstractEffect
                 sink = EffectSink(self.scriptedEffect, {"add": base.ModificationModeAdd,
                                                         "remove": base.ModificationModeRemove})
+                core = SAMSegmentCore(slicer.mrmlScene, slicer.app.applicationLogic())
                 self.controller = EffectController(core, self.scriptedEffect.parameterSetNode, sink)
-            core = self.controller.core
-            if core.session is None:
-                self._status(_("Loading the SAM model..."))
-                with slicer.util.WaitCursor():
-                    core.load_model()
+            self.controller.core.use_link(link)
             self.controller.bind()
+            if self._timer is None:
+                self._timer = qt.QTimer()
+                self._timer.setInterval(40)
+                self._timer.connect("timeout()", self.onTimer)
+            self._timer.start()
             self._status(_("Drag a box around the structure on a slice view."))
         except Exception as exc:  # noqa: BLE001 - shown in the panel, the effect stays usable
             logging.exception("SAM effect activation failed")
             self._status(str(exc), error=True)
 
     def deactivate(self):
+        if self._timer is not None:
+            self._timer.stop()
         if self.controller is not None:
             self.controller.cancel()
         for viewWidget, band in list(self._rubberBand.items()):
             self.scriptedEffect.removeActor2D(viewWidget, band)
         self._rubberBand.clear()
 
+    def onTimer(self):
+        """Every 40 ms while active: advance the server requests; show a preview that arrived."""
+        if self.controller is None:
+            return
+        try:
+            prediction = self.controller.poll()
+            if prediction is not None:
+                self._status(_("Preview: {area} px (score {score:.2f}). Apply or press Enter to keep it.")
+                             .format(area=prediction.area, score=prediction.score))
+        except Exception as exc:  # noqa: BLE001 - a refused prompt or a lost server is a message
+            self._status(str(exc), error=True)
+
     def _rebind(self):
-        if self.controller is not None and self.controller.core.session is not None:
+        if self.controller is not None and self.controller.core.link is not None:
             try:
                 self.controller.bind()
             except SAMSegmentError as exc:
@@ -149,10 +172,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             action = interpreter.release(xy)
             if action is not None:
                 try:
-                    prediction = self.controller.handle(viewWidget.mrmlSliceNode(), action)
-                    if prediction is not None:
-                        self._status(_("Preview: {area} px (score {score:.2f}). Apply or press Enter to keep it.")
-                                     .format(area=prediction.area, score=prediction.score))
+                    self.controller.handle(viewWidget.mrmlSliceNode(), action)  # sent; onTimer shows the mask
+                    self._status(_("Segmenting..."))
                 except Exception as exc:  # noqa: BLE001 - a bad prompt is a message, not a crash
                     self._status(str(exc), error=True)
             return True

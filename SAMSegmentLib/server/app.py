@@ -19,7 +19,7 @@ Routes (all JSON unless noted)::
     POST   /v1/sessions/{sid}/predict       {axis, index, prompts, refine?}
     POST   /v1/sessions/{sid}/undo          {axis, index}
     POST   /v1/sessions/{sid}/reset         {axis?, index?}
-    POST   /v1/sessions/{sid}/prefetch      {axis, index, radius?, direction?}
+    POST   /v1/sessions/{sid}/prefetch      {axis, index, radius?, direction?, include_self?}
     POST   /v1/sessions/{sid}/jobs          {kind: propagate|everything|samaug|uncertainty, ...}
     GET    /v1/jobs/{jid}?after=N           state, progress, slices from N on, result
     DELETE /v1/jobs/{jid}                   cancel
@@ -113,14 +113,19 @@ def create_app(state: ServerState, token: str | None):
     def health() -> dict[str, Any]:
         return {"ok": True}
 
+    from ..device import select_device
+    from ..model_registry import default_model_id, load_registry
+
+    # resolved once, before the server listens: the first call imports torch (seconds), which
+    # would otherwise make a client's first /v1/info wait
+    device_name = str(state.device or select_device(None))
+    models, default_model = sorted(load_registry(state.registry)), default_model_id()
+
     @app.get("/v1/info")
     def info() -> dict[str, Any]:
-        from ..device import select_device
-        from ..model_registry import default_model_id, load_registry
-
         return {"server_version": __version__, "api_version": API_VERSION,
-                "models": sorted(load_registry(state.registry)), "default_model": default_model_id(),
-                "device": str(state.device or select_device(None)), "loaded": state.loaded_devices(),
+                "models": models, "default_model": default_model,
+                "device": device_name, "loaded": state.loaded_devices(),
                 "job_kinds": list(JOB_KINDS), "limits": state.limits.as_json(), "auth": token is not None}
 
     @app.head("/v1/volumes/{volume_id}")
@@ -196,9 +201,16 @@ def create_app(state: ServerState, token: str | None):
     async def prefetch(session_id: str, request: Request) -> dict[str, Any]:
         body = await json_body(request)
         session = state.session(session_id).session
-        queued = session.prefetch(ref_of(body), radius=int(body.get("radius", 2)),
-                                  direction=int(body.get("direction", 0)))
-        return {"queued": queued}
+        ref = ref_of(body)
+        warmed = 0
+        if body.get("include_self"):  # the slice itself first, at interactive priority (a mouse press)
+            from ..worker import PRIORITY_INTERACTIVE
+
+            session.encode_async(ref, PRIORITY_INTERACTIVE)
+            warmed = 1
+        radius = min(int(body.get("radius", 2)), state.limits.max_prefetch_radius)
+        queued = session.prefetch(ref, radius=radius, direction=int(body.get("direction", 0)))
+        return {"queued": queued + warmed}
 
     @app.post("/v1/sessions/{session_id}/jobs")
     async def new_job(session_id: str, request: Request) -> dict[str, Any]:

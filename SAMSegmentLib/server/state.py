@@ -56,6 +56,7 @@ class Limits:
     max_running_jobs: int = 2
     max_queued_jobs: int = 8
     max_inflight_predictions: int = 8
+    max_prefetch_radius: int = 4  # look-ahead encodes per prompt on each side (0: none, e.g. a busy shared server)
     finished_job_ttl_s: float = 600.0
 
     def as_json(self) -> dict[str, Any]:
@@ -108,13 +109,16 @@ class ServerState:
     """Models, volumes, sessions and jobs of one server process (thread-safe)."""
 
     def __init__(self, limits: Limits | None = None, device: str | None = None, runtime: str | None = None,
-                 cache_bytes: int = 2 << 30, registry: str | None = None, backends: tuple[Any, ...] = ()) -> None:
-        """``backends``: already built ``SamBackend``s to serve (tests, benchmarks); others load on demand."""
+                 cache_bytes: int = 2 << 30, registry: str | None = None, backends: tuple[Any, ...] = (),
+                 checkpoints: dict[str, str] | None = None) -> None:
+        """``backends``: already built ``SamBackend``s to serve (tests, benchmarks); others load on demand.
+        ``checkpoints``: model id -> the user's weights file, for models that ship none (SAM, MedSAM)."""
         self.limits = limits or Limits()
         self.device = device
         self.runtime = runtime
         self.cache_bytes = cache_bytes
         self.registry = registry
+        self.checkpoints = dict(checkpoints or {})
         self._lock = threading.RLock()
         self._backends: dict[str, Any] = {backend.model_id: backend for backend in backends}
         self._caches: dict[str, Any] = {}
@@ -134,8 +138,8 @@ class ServerState:
         with self._lock:
             backend = self._backends.get(spec.id)
             if backend is None:
-                backend = SamBackend.from_model_id(spec.id, device=self.device, runtime=self.runtime,
-                                                   extra_registry=self.registry)
+                backend = SamBackend.from_model_id(spec.id, self.checkpoints.get(spec.id), device=self.device,
+                                                   runtime=self.runtime, extra_registry=self.registry)
                 self._backends[spec.id] = backend
             return backend
 

@@ -31,3 +31,27 @@ def mrml():
 def backend(eager_backend):
     """Eager on purpose: keeps these tests independent of the ONNX export, which has its own tests."""
     return eager_backend
+
+
+SERVER_TOKEN = "slicer-side-tests-token-0123456789"
+
+
+@pytest.fixture(scope="session")
+def engine_server(backend):
+    """A real SAMSegment server on 127.0.0.1 (uvicorn in a thread of this process), serving the
+    eager LiteMedSAM backend: the Slicer logic under test reaches the engine only through it.
+    Look-ahead encodes are off (no test reads a neighbour; they would only compete for the CPU)."""
+    from SAMSegmentLib.server.serve import ServerHandle
+    from SAMSegmentLib.server.state import Limits, ServerState
+
+    handle = ServerHandle(ServerState(Limits(max_prefetch_radius=0), backends=(backend,)), SERVER_TOKEN).start()
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture
+def link(engine_server):
+    """The logic's link to ``engine_server``, as the module's "remote server" option makes it."""
+    from SAMSegmentSlicer.server_link import RemoteServer
+
+    return RemoteServer(engine_server.url, SERVER_TOKEN)

@@ -47,13 +47,16 @@ def test_drag_box_then_exclude_click_then_apply(world, orientation):  # noqa: F8
     xy_a, xy_b = (display_xy(node, geometry.ijk_to_ras(volume, [p])[0]) for p in (a_ijk, b_ijk))
     ctl.interpreter.press(xy_a)
     ctl.interpreter.move(xy_b)
-    pred = ctl.handle(node, ctl.interpreter.release(xy_b))
+    ctl.handle(node, ctl.interpreter.release(xy_b))  # returns at once; the mask arrives on poll()
+    pred = ctl.wait()
     plane = np.take(truth, view.index, view.axis)
     assert dice(pred.mask, plane) > 0.9
     ctl.interpreter.press(display_xy(node, ras), ctrl=True)
-    pred2 = ctl.handle(node, ctl.interpreter.release(display_xy(node, ras)))
-    assert pred2.prompts.labels.tolist() == [0]
-    back = ctl.undo()  # removes the exclude point
+    ctl.handle(node, ctl.interpreter.release(display_xy(node, ras)))
+    ctl.wait()
+    assert core.current_prompts.labels.tolist() == [0]
+    ctl.undo()  # removes the exclude point
+    back = ctl.wait()
     assert np.array_equal(back.mask, pred.mask)
     ctl.apply()
     written = segment_array(seg, core.segment_id, volume).astype(bool)
@@ -72,6 +75,7 @@ def test_moving_to_another_slice_starts_new_prompts(world):  # noqa: F811
     ctl.interpreter.press(display_xy(node, corner))
     ctl.interpreter.move(display_xy(node, ras))
     ctl.handle(node, ctl.interpreter.release(display_xy(node, ras)))
+    ctl.wait()
     first = ctl.state.view.index
     next_ras = geometry.ijk_to_ras(volume, [[ijk[0], ijk[1], ijk[2] + 1]])[0]
     node.JumpSliceByCentering(*next_ras)
@@ -88,32 +92,39 @@ def test_rejected_point_is_not_kept(world):  # noqa: F811
     ras, _ = centre_ras(volume, truth)
     node = slice_node_through(scene, volume, "Axial", ras)
     ctl = EffectController(core)
+    ctl.handle(node, Action("include", display_xy(node, ras)))  # sent; the server refuses it
     with pytest.raises(PromptError, match="box"):
-        ctl.handle(node, Action("include", display_xy(node, ras)))
+        ctl.wait()
     assert ctl.state.points == []
 
 
-def test_mouse_down_starts_encoding_the_slice_shown(world):  # noqa: F811
-    """The encode starts on press, so a box drag overlaps it; the release decodes that embedding."""
+def test_mouse_down_starts_encoding_the_slice_shown(world, engine_server):  # noqa: F811
+    """The server starts the encode on press, so a box drag overlaps it; the release decodes that
+    embedding. The press itself only sends a request (it never waits for the server)."""
     import time
 
     scene, core, volume, seg, _, truth = world
     ras, ijk = centre_ras(volume, truth)
     node = slice_node_through(scene, volume, "Axial", ras)
     ctl = EffectController(core)
-    session, view = core.session, core.view_slice(node)
-    assert not session.is_cached(view.ref) and session.encode_count == 0
+    server_session = engine_server.state.session(core.session.session_id).session
+    engine_server.state.clear_caches()  # earlier tests encoded this phantom (embeddings are keyed by content)
+    view = core.view_slice(node)
+    assert not server_session.is_cached(view.ref) and server_session.encode_count == 0
     corner = geometry.ijk_to_ras(volume, [[10, 10, ijk[2]]])[0]
+    t0 = time.perf_counter()
     ctl.press(node, display_xy(node, corner))
-    assert ctl.interpreter.active
+    assert time.perf_counter() - t0 < 0.05 and ctl.interpreter.active
     deadline = time.monotonic() + 60
-    while not session.is_cached(view.ref) and time.monotonic() < deadline:
+    while not server_session.is_cached(view.ref) and time.monotonic() < deadline:
+        core.poll()  # the module's timer
         time.sleep(0.01)
-    assert session.is_cached(view.ref) and session.encode_count == 1  # before any release
+    assert server_session.is_cached(view.ref) and server_session.encode_count == 1  # before any release
     ctl.interpreter.move(display_xy(node, ras))
-    pred = ctl.handle(node, ctl.interpreter.release(display_xy(node, ras)))
+    ctl.handle(node, ctl.interpreter.release(display_xy(node, ras)))
+    pred = ctl.wait()
     assert pred is not None and pred.area > 0
-    assert session.encode_count == 1  # (neighbour prefetches start only now and take far longer than this)
+    assert server_session.encode_count == 1
 
 
 @pytest.fixture
@@ -132,8 +143,7 @@ def editor(world):  # noqa: F811
     first = seg.GetSegmentation().AddEmptySegment("first", "first", (1.0, 0.0, 0.0))
     second = seg.GetSegmentation().AddEmptySegment("second", "second", (0.0, 0.0, 1.0))
     node.SetSelectedSegmentID(first)
-    effect_core = SAMSegmentCore(scene, core.app_logic, autoload=False)
-    effect_core.use_session(core.session, own=False)
+    effect_core = SAMSegmentCore(scene, core.app_logic, link=core.link)  # the module's server, shared
     effect = ScriptedEffectMirror(widget)
     ctl = EffectController(effect_core, effect.parameterSetNode, EffectSink(effect, effect.modes))
     yield ctl, widget, node, first, second
@@ -152,7 +162,8 @@ def drag_block_box(ctl, scene, volume, truth, orientation="Axial"):
     xy_a, xy_b = (display_xy(node, geometry.ijk_to_ras(volume, [p])[0]) for p in (a_ijk, b_ijk))
     ctl.press(node, xy_a)
     ctl.interpreter.move(xy_b)
-    return view, ctl.handle(node, ctl.interpreter.release(xy_b))
+    ctl.handle(node, ctl.interpreter.release(xy_b))
+    return view, ctl.wait()
 
 
 def test_effect_writes_into_the_segment_selected_at_apply_through_the_editors_undo(world, editor):  # noqa: F811
@@ -181,6 +192,7 @@ def test_effect_follows_a_new_source_volume(world, editor):  # noqa: F811
     node.SetAndObserveSourceVolumeNode(other)
     ctl.bind()
     assert ctl.core.volume_node is other and ctl.state is None and ctl.core.current is None
+    ctl.core.wait_idle()  # the new volume is sent to the server
     assert np.array_equal(ctl.core.session.volume, np.roll(vol, 3, axis=2))
 
 
@@ -200,20 +212,21 @@ def test_effect_edit_lands_on_an_oversampled_segmentation_with_intensity_masking
     assert np.take(written, view.index, view.axis).sum() == written.sum()
 
 
-def test_model_is_never_loaded_inside_a_mouse_handler(world):  # noqa: F811
-    """Review finding 12: the effect loads the model on activation; a click before that is a message."""
+def test_without_a_server_a_click_is_a_message(world):  # noqa: F811
+    """Review finding 12, now that the engine never runs in Slicer's process: an effect with no
+    server configured says so on release; the press neither loads nor waits for anything."""
     from SAMSegmentLib.errors import SAMSegmentError
     from SAMSegmentSlicer.logic import SAMSegmentCore
 
     scene, core, volume, seg, _, truth = world
-    effect_core = SAMSegmentCore(scene, core.app_logic, autoload=False)
+    effect_core = SAMSegmentCore(scene, core.app_logic)
     effect_core.set_inputs(volume, seg)
     ctl = EffectController(effect_core)
     ras, _ = centre_ras(volume, truth)
     node = slice_node_through(scene, volume, "Axial", ras)
     ctl.press(node, display_xy(node, ras))
     assert effect_core.session is None
-    with pytest.raises(SAMSegmentError, match="not loaded"):
+    with pytest.raises(SAMSegmentError, match="No SAMSegment server is configured"):
         ctl.handle(node, ctl.interpreter.release(display_xy(node, ras)))
     assert effect_core.session is None
     effect_core.close()

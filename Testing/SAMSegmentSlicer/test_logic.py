@@ -21,9 +21,7 @@ ORIENTATIONS = {"Axial": 0, "Coronal": 1, "Sagittal": 2}
 
 
 @pytest.fixture
-def world(mrml, backend):
-    from SAMSegmentLib.session import SegmentationSession
-
+def world(mrml, link):
     scene, app = mrml
     vol, truth = box_phantom()
     volume = add_volume(scene, vol)
@@ -31,11 +29,9 @@ def world(mrml, backend):
     volume.GetDisplayNode().SetWindowLevel(600, 200)
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
     seg.CreateDefaultDisplayNodes()
-    core = SAMSegmentCore(scene, app)
-    session = SegmentationSession(model=backend)
-    session.prefetch = lambda *a, **k: 0  # off: no test reads a neighbour; its encodes outlive the test
-    core.use_session(session)
+    core = SAMSegmentCore(scene, app, link=link)
     core.set_inputs(volume, seg)
+    core.wait_idle()  # the volume is on the server
     yield scene, core, volume, seg, vol, truth
     core.close()
 
@@ -116,7 +112,7 @@ def test_markups_points_refine_the_box_and_rerun_on_every_change(world):
     left = geometry.ijk_to_ras(volume, [[lo[2] + 3, (lo[1] + hi[1]) // 2, ijk[2]]])[0]
     core.prompts.add_point(left, include=False)
     assert len(runs) > n
-    assert core.current.prompts.labels.tolist() == [0]
+    assert core.current_prompts.labels.tolist() == [0]
     excluded = core.current.mask.copy()
     n = len(runs)
     outside = geometry.ijk_to_ras(volume, [[1, 1, ijk[2]]])[0]
@@ -137,7 +133,7 @@ def test_roi_box_prompt(world):
     b = geometry.ijk_to_ras(volume, [[hi[2] + 1, hi[1] + 1, ijk[2]]])[0]
     core.prompts.set_box(a, b, geometry.vtk_to_numpy_matrix(node.GetSliceToRAS()))
     assert core.current is not None
-    assert core.current.prompts.box is not None
+    assert core.current_prompts.box is not None
     assert dice(core.current.mask, truth[ijk[2]]) > 0.9
 
 
@@ -171,7 +167,7 @@ def test_asynchronous_request_matches_blocking(world):
     core.request(view, prompts)
     shown = core.wait_for_requests()
     blocking = core.session.predict(view.ref, prompts, refine=False)  # same box, same margin
-    assert shown is not None and np.array_equal(shown.prompts.box, blocking.prompts.box)
+    assert shown is not None and np.array_equal(core.current_prompts.box, prompts.box)
     assert np.array_equal(shown.mask, blocking.mask)
 
 
@@ -213,9 +209,7 @@ def test_errors_are_clear(world):
 def test_closing_the_scene_cancels_running_work_and_writes_nothing_afterwards(world):
     """Review finding 15: StartCloseEvent precedes vtkMRMLScene::Clear; the module releases the
     scene there, so neither propagation slices nor a task's result land in the next scene."""
-    import threading
-    import time
-
+    from SAMSegmentLib.client import Pause
     from SAMSegmentLib.prompts import Prompts
 
     scene, core, volume, seg, _, truth = world
@@ -224,20 +218,21 @@ def test_closing_the_scene_cancels_running_work_and_writes_nothing_afterwards(wo
     core.segment(view, Prompts(box=block_box(truth, view.axis, view.index)))
     core.accept()
     job = core.start_propagation("both", axis=view.axis)
-    release = threading.Event()
     finished = []
-    task = core.start_task("slow", lambda progress, cancel: release.wait(30) or cancel.cancelled,
-                           lambda result: finished.append(result))
+
+    def slow(progress, cancel):  # a server request that runs until cancelled
+        while not cancel.cancelled:
+            yield Pause(0.01)
+        return "cancelled"
+
+    task = core.start_task("slow", slow, lambda result: finished.append(result))
+    core.poll()
     core.release_scene(job, task)
     scene.Clear(False)
-    release.set()
     assert job.cancel.cancelled and task.cancel.cancelled
     assert core.writer is None and core.segmentation_node is None and core.volume_node is None
-    for thread in (job.thread, task.thread):
-        thread.join(timeout=60)
-        assert not thread.is_alive()
-    assert core.poll_task(task) and finished == []  # its finish() never runs
-    time.sleep(0.05)
+    core.wait_idle(timeout=120)  # the server job ends (cancelled); the task's request is dropped or returns
+    assert not core.busy and core.poll_task(task) and finished == []  # its finish() never runs
     assert scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems() == 0
 
 

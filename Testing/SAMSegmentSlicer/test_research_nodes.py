@@ -12,19 +12,14 @@ from SAMSegmentSlicer.segment_io import segment_array
 
 
 @pytest.fixture
-def disks(mrml, backend):
+def disks(mrml, link):
     """Three separate bright disks in a soft-tissue body, 3 slices, oblique geometry."""
     from phantoms import disks_ct  # Testing/SAMSegmentLib, on the path through pyproject.toml
-
-    from SAMSegmentLib.session import SegmentationSession
 
     scene, app = mrml
     vol, masks = disks_ct(shape=(3, 96, 96))
     volume = add_volume(scene, vol)
-    core = SAMSegmentCore(scene, app)
-    session = SegmentationSession(model=backend)
-    session.prefetch = lambda *a, **k: 0  # off: no test reads a neighbour; its encodes outlive the test
-    core.use_session(session)
+    core = SAMSegmentCore(scene, app, link=link)
     core.set_inputs(volume, None, window=(-160, 240))
     yield scene, core, volume, masks
     core.close()
@@ -74,8 +69,8 @@ def test_samaug_priors_become_volumes_with_source_geometry(disks):
 
     scene, core, volume, masks = disks
     params = EverythingParams(**PARAMS)
-    seg_node, bnd_node = core.run_task(  # as the module runs it: computed on a thread, nodes on ours
-        "samaug", lambda progress, cancel: research_nodes.samaug_arrays(core, 0, params, progress, cancel),
+    seg_node, bnd_node = core.run_task(  # as the module runs it: computed on the server, nodes here
+        "samaug", lambda progress, cancel: research_nodes.samaug_flow(core, 0, params, progress, cancel),
         lambda priors: research_nodes.priors_to_volumes(core, *priors))
     seg_prior = slicer.util.arrayFromVolume(seg_node)
     bnd_prior = slicer.util.arrayFromVolume(bnd_node)

@@ -14,14 +14,9 @@ from SAMSegmentSlicer.selftest import make_oblique_phantom, run_logic_flow
 
 
 @pytest.fixture
-def core(mrml, backend):
-    from SAMSegmentLib.session import SegmentationSession
-
+def core(mrml, link):
     scene, app = mrml
-    c = SAMSegmentCore(scene, app)
-    session = SegmentationSession(model=backend)
-    session.prefetch = lambda *a, **k: 0  # off: no test reads a neighbour; its encodes outlive the test
-    c.use_session(session)
+    c = SAMSegmentCore(scene, app, link=link)
     yield c
     c.close()
 
@@ -55,32 +50,35 @@ def test_active_view_is_the_one_holding_the_last_prompt(mrml, core):
     assert core.active_view(list(views.values())).axis == 1
 
 
-def test_configure_from_parameters_and_rules(mrml, core):
+def test_configure_from_parameters_and_rules(mrml, core, engine_server):
     scene, _ = mrml
     volume, _ = make_oblique_phantom(scene)
     params = types.SimpleNamespace(model="", checkpoint="", device="auto", windowFromDisplay=True,
                                    inputVolume=volume, segmentation=None, segmentID="", includePoints=None,
                                    excludePoints=None, boxROI=None, minIoU=0.3, minScore=0.1,
                                    minIntensityAgreement=0.4, limitRange=True, rangeFirst=2, rangeLast=9)
-    core.model_key = ("litemedsam", "", "", "")  # the fixture's session already holds LiteMedSAM
     core.configure_from_parameters(params)
+    core.wait_idle()
     assert params.segmentation is not None and params.segmentID
     assert params.includePoints is not None and params.boxROI is not None
     assert (core.window.low, core.window.high) == (-100, 500)
     rules = core.rules_from_parameters(params)
     assert (rules.min_iou, rules.min_score, rules.min_intensity_agreement, rules.index_range) == (0.3, 0.1, 0.4, (2, 9))
     assert "litemedsam" in core.model_ids()
-    assert core.session.box_margin == 0.1  # LiteMedSAM's margin on user boxes ...
+
+    def server_margin() -> float:
+        core.wait_idle()
+        return engine_server.state.session(core.session.session_id).session.box_margin
+
+    assert server_margin() == 0.1  # LiteMedSAM's margin on user boxes ...
     params.boxMargin = False
     core.configure_from_parameters(params)
-    assert core.session.box_margin == 0.0  # ... and boxes as drawn when the user unticks it
+    assert server_margin() == 0.0  # ... and boxes as drawn when the user unticks it
     core.set_box_margin(True)  # the checkbox, between two prompts
-    assert core.session.box_margin == 0.1
-    status = core.cache_status()
-    assert status["slices"] == 0 and status["mib"] == 0
+    assert server_margin() == 0.1
 
 
-def test_cache_status_counts_encoded_slices(mrml, core):
+def test_server_status_names_the_server_and_its_device(mrml, core, engine_server):
     from SAMSegmentLib.prompts import Prompts
 
     scene, _ = mrml
@@ -89,7 +87,7 @@ def test_cache_status_counts_encoded_slices(mrml, core):
     from SAMSegmentSlicer.geometry import ijk_to_ras
 
     view = core.view_slice(slice_node_through(scene, volume, "Axial", ijk_to_ras(volume, [[28, 24, 7]])[0]))
-    core.session.prefetch = lambda *a, **k: 0  # measure only the prompted slice
     core.segment(view, Prompts(box=np.array([15, 13, 40, 34.0])))
-    status = core.cache_status()
-    assert status["slices"] == 1 and 0 < status["mib"] < 5
+    core.wait_idle()
+    status = core.server_status()
+    assert engine_server.url in status and "cpu" in status and "idle" in status
