@@ -335,7 +335,7 @@ def test_extension_metadata(top_cmake):
     _, variables = top_cmake
     for name in REQUIRED_EXTENSION_VARIABLES:
         assert name in variables and "".join(variables[name]).strip(), f"{name} is not set"
-    assert "PyTorch" in " ".join(variables["EXTENSION_DEPENDS"]).replace(";", " ").split()
+    assert variables["EXTENSION_DEPENDS"] == ["NA"]  # nothing is installed into Slicer's Python
     assert variables["EXTENSION_CATEGORY"] == ["Segmentation"]
     homepage = variables["EXTENSION_HOMEPAGE"][0]
     assert homepage == "https://github.com/samsegment/SlicerSAMSegment"
@@ -552,9 +552,10 @@ def test_catalog_entry(top_cmake):
     assert entry["scm_url"] == variables["EXTENSION_HOMEPAGE"][0]
     assert entry["scm_revision"] == "main"
     assert entry["build_subdirectory"] == "."
-    # The Extensions Index builds build_dependencies first; EXTENSION_DEPENDS names the same ones
-    # (SlicerBlockBuildPackageAndUploadExtensions.cmake; TotalSegmentator.json lists its PyTorch too).
-    assert entry["build_dependencies"] == variables["EXTENSION_DEPENDS"] == ["PyTorch"]
+    # The Extensions Index builds build_dependencies first; EXTENSION_DEPENDS names the same ones, "NA"
+    # for none (the extension template's convention). No PyTorch extension: the model runs in the
+    # local server's own environment, nothing is installed into Slicer's Python.
+    assert entry["build_dependencies"] == [] and variables["EXTENSION_DEPENDS"] == ["NA"]
     assert entry["tier"] in (1, 3, 5)
 
 
