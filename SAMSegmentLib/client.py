@@ -76,6 +76,11 @@ class ServerOverloaded(ServerError):
         self.retry_after = retry_after
 
 
+class ServerLost(ServerError):
+    """The request died with the process that served it (a replica killed behind a router answers
+    a bare 5xx): like a restarted server, the client re-sends what it holds and retries once."""
+
+
 class PropagationInterrupted(ServerError):
     """The server went away (or lost the job) during a propagation; ``partial`` holds every slice
     received before that. ``propagate(..., resume=partial)`` continues once a server is back."""
@@ -148,9 +153,9 @@ def _npy(data: Mapping[str, str]) -> np.ndarray:
 
 def _lost(exc: SAMSegmentError) -> bool:
     """Whether ``exc`` says the server no longer holds this client's volume or session (a restart,
-    another replica, an expiry): then the client re-sends them."""
-    return type(exc) is ServerError and ("does not exist on this server" in exc.problem
-                                         or "is not on this server" in exc.problem)
+    another replica, an expiry, a replica that died mid-request): then the client re-sends them."""
+    return isinstance(exc, ServerLost) or (type(exc) is ServerError and (
+        "does not exist on this server" in exc.problem or "is not on this server" in exc.problem))
 
 
 def upload_steps(volume: np.ndarray) -> Flow:
@@ -359,6 +364,11 @@ class RemoteSession:
         self._ssl = _ssl_context(self._verify) if self.url.startswith("https:") else None
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
 
+    @property
+    def routing_key(self) -> str | None:
+        """What the client sends as ``ROUTING_HEADER`` (the volume's content id, shortened), or None."""
+        return None if self._vid is None else self._vid[:32]
+
     # ---------------------------------------------------------------- HTTP
     def _start(self, call: Call) -> Any:
         """Start ``call`` as a non-blocking ``PendingRequest``."""
@@ -368,8 +378,8 @@ class RemoteSession:
         from .http_transport import PendingRequest, TransportError
 
         headers = dict(self._headers)
-        if self._vid is not None:
-            headers[ROUTING_HEADER] = self._vid[:32]
+        if self.routing_key is not None:
+            headers[ROUTING_HEADER] = self.routing_key
         data = call.data
         if call.json is not None:
             data = jsonlib.dumps(call.json).encode()
@@ -411,6 +421,10 @@ class RemoteSession:
         if response.status in (429, 503):
             raise ServerOverloaded(problem, remedy or "retry in a moment",
                                    float(response.headers.get("retry-after", 1)))
+        if response.status >= 500 and not body.get("problem"):
+            # not our server's JSON error: a router whose replica died while serving the request
+            raise ServerLost(f"The SAMSegment server at {self.url} lost the request (HTTP {response.status})",
+                             "retry; the client re-sends the volume and reopens its session")
         raise _engine_error(body.get("type"), problem, remedy)
 
     def operation(self, flow: Flow) -> Operation:
@@ -518,6 +532,8 @@ class RemoteSession:
         except SAMSegmentError as exc:
             if not _lost(exc):
                 raise
+            if isinstance(exc, ServerLost):
+                yield Pause(0.25)  # the router learns that the replica is gone
         yield from self._open_flow()
         return (yield Call(method, f"/v1/sessions/{self.session_id}{suffix}", json=body)).json()
 
@@ -637,13 +653,24 @@ class RemoteSession:
     def propagate(self, axis: int, anchors: Mapping[int, np.ndarray], direction: str = "both", rules: Any = None,
                   on_slice: Callable[[SliceRef, np.ndarray, SliceOutcome], None] | None = None,
                   progress: Callable[[int, int, str], None] | None = None, cancel: Any = None,
-                  resume: PropagationResult | None = None) -> PropagationResult:
+                  resume: PropagationResult | None = None, auto_resume: int = 1) -> PropagationResult:
         """The engine's ``propagate`` run on the server: the same ``PropagationResult``, and each slice
         handed to ``on_slice`` as the server decides it.
 
         ``rules`` is a ``StopRules`` (or a dict of its fields); ``cancel`` a ``CancelToken``;
-        ``resume`` the ``partial`` of a ``PropagationInterrupted`` (its slices are not delivered again)."""
-        return self._run(self.propagate_flow(axis, anchors, direction, rules, on_slice, progress, cancel, resume))
+        ``resume`` the ``partial`` of a ``PropagationInterrupted`` (its slices are not delivered again).
+        A server that is up but lost the job (restarted, a replica that died) gets it again, up to
+        ``auto_resume`` times; an unreachable one raises ``PropagationInterrupted``."""
+        for attempt in range(auto_resume + 1):
+            try:
+                return self._run(self.propagate_flow(axis, anchors, direction, rules, on_slice, progress, cancel,
+                                                     resume))
+            except PropagationInterrupted as exc:
+                if attempt == auto_resume or isinstance(exc.__cause__, (ServerUnreachable, ServerTimeout)) \
+                        or (cancel is not None and cancel.cancelled):
+                    raise
+                resume = exc.partial
+        raise AssertionError("unreachable")
 
     def everything_flow(self, axis: int = 0, index: int | None = None, params: Any = None,
                         progress: Callable[[int, int, str], None] | None = None, cancel: Any = None) -> Flow:

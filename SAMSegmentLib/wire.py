@@ -46,18 +46,85 @@ def array_to_npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def npy_to_volume(data: bytes) -> np.ndarray:
-    """A 3D volume from ``.npy`` bytes; refuses pickles, other dtypes and other dimensions."""
-    try:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise WireError(f"The volume is not a readable .npy array ({exc})",
-                        "send np.save(..., allow_pickle=False) bytes of a (K, J, I) array") from exc
-    if array.dtype.name not in VOLUME_DTYPES:
-        raise WireError(f"Volume dtype {array.dtype} is not accepted", f"send one of {', '.join(VOLUME_DTYPES)}")
-    if array.ndim != 3:
-        raise WireError(f"The volume has {array.ndim} dimensions, not 3", "send a (K, J, I) array")
-    return array
+class VolumeReceiver:
+    """A ``.npy`` volume arriving in chunks (a server's upload route), checked and hashed as it arrives.
+
+    The header is read as soon as it is complete: a dtype outside ``VOLUME_DTYPES`` (objects, so no
+    pickle is ever read), Fortran order or a non-3D shape is refused before any data is stored, and
+    ``check_shape(shape)`` (the server's size limits) runs before the array is allocated. The data
+    go straight into the array and into the content hash, so nothing is copied or hashed twice.
+    ``finish()`` returns ``(array, volume_id)``; a short or long body is refused.
+    """
+
+    def __init__(self, check_shape: Any = None) -> None:
+        self._check_shape = check_shape
+        self._head = bytearray()
+        self._array: np.ndarray | None = None
+        self._target: memoryview | None = None
+        self._filled = 0
+        self._digest: Any = None
+
+    def feed(self, chunk: bytes) -> None:
+        if self._array is None:
+            self._head += chunk
+            if not self._parse_head():
+                return
+            chunk, self._head = bytes(self._head[self._data_offset:]), bytearray()
+        assert self._target is not None
+        end = self._filled + len(chunk)
+        if end > len(self._target):
+            raise WireError(f"The volume upload has more bytes than its .npy header announces ({len(self._target)})",
+                            "send np.save(..., allow_pickle=False) bytes of the array only")
+        self._target[self._filled:end] = chunk
+        self._digest.update(chunk)
+        self._filled = end
+
+    def _parse_head(self) -> bool:
+        from numpy.lib import format as npy_format
+
+        head = bytes(self._head)
+        if len(head) < 10:
+            return False
+        if head[:6] != b"\x93NUMPY":
+            raise WireError("The volume is not a .npy array (bad magic bytes)",
+                            "send np.save(..., allow_pickle=False) bytes of a (K, J, I) array")
+        major = head[6]
+        size_bytes = 2 if major == 1 else 4
+        if len(head) < 8 + size_bytes:
+            return False
+        header_len = int.from_bytes(head[8:8 + size_bytes], "little")
+        self._data_offset = 8 + size_bytes + header_len
+        if header_len > 1 << 16:
+            raise WireError("The volume's .npy header is implausibly long", "send np.save(...) bytes")
+        if len(head) < self._data_offset:
+            return False
+        try:
+            stream = io.BytesIO(head)
+            version = npy_format.read_magic(stream)
+            reader = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+            shape, fortran, dtype = reader(stream)
+        except (ValueError, OSError) as exc:
+            raise WireError(f"The volume's .npy header cannot be read ({exc})",
+                            "send np.save(..., allow_pickle=False) bytes of a (K, J, I) array") from exc
+        if dtype.name not in VOLUME_DTYPES or dtype.hasobject:
+            raise WireError(f"Volume dtype {dtype} is not accepted", f"send one of {', '.join(VOLUME_DTYPES)}")
+        if len(shape) != 3:
+            raise WireError(f"The volume has {len(shape)} dimensions, not 3", "send a (K, J, I) array")
+        if fortran:
+            raise WireError("The volume is in Fortran order", "send a C-ordered array (np.ascontiguousarray)")
+        if self._check_shape is not None:
+            self._check_shape(tuple(int(n) for n in shape))
+        self._array = np.empty(shape, dtype=dtype)
+        self._target = memoryview(self._array.reshape(-1)).cast("B")
+        self._digest = hashlib.sha256(f"{self._array.dtype.str}|{self._array.shape}".encode())
+        return True
+
+    def finish(self) -> tuple[np.ndarray, str]:
+        if self._array is None or self._target is None or self._filled != len(self._target):
+            got = self._filled if self._array is not None else len(self._head)
+            raise WireError(f"The volume upload ended early ({got} bytes of data received)",
+                            "send the whole np.save(...) output")
+        return self._array, self._digest.hexdigest()
 
 
 def mask_to_json(mask: np.ndarray) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
 from ..errors import ModelNotFoundError, SAMSegmentError
-from ..wire import API_VERSION, WireError, npy_to_volume
+from ..wire import API_VERSION, VolumeReceiver, WireError
 from .jobs import JOB_KINDS, prediction_json, start_job
 from .state import Limits, NotFound, Overloaded, ServerState, TooLarge
 
@@ -134,14 +134,15 @@ def create_app(state: ServerState, token: str | None):
 
     @app.put("/v1/volumes/{volume_id}")
     async def put_volume(volume_id: str, request: Request) -> dict[str, Any]:
-        data = bytearray()
-        async for chunk in request.stream():
-            data += chunk
-            if len(data) > state.limits.max_request_bytes:
+        receiver, received = VolumeReceiver(state.check_volume_shape), 0
+        async for chunk in request.stream():  # checked, stored and hashed as it arrives
+            received += len(chunk)
+            if received > state.limits.max_request_bytes:
                 raise TooLarge(f"Volume upload exceeds the server's limit of {state.limits.max_request_bytes} bytes",
                                "crop or resample the volume")
-        array = npy_to_volume(bytes(data))
-        state.put_volume(volume_id, array)
+            receiver.feed(chunk)
+        array, content = receiver.finish()
+        state.put_volume(volume_id, array, content)
         log.info("volume %s %s stored", volume_id[:12], array.shape)
         return {"volume_id": volume_id, "shape": list(array.shape), "dtype": array.dtype.name}
 

@@ -23,7 +23,7 @@ from SAMSegmentLib.server.serve import ServerHandle, resolve_token  # noqa: E402
 from SAMSegmentLib.server.state import Limits, ServerState  # noqa: E402
 from SAMSegmentLib.session import SegmentationSession  # noqa: E402
 from SAMSegmentLib.volume import SliceRef  # noqa: E402
-from SAMSegmentLib.wire import array_to_npy, mask_from_json, mask_to_json, npy_to_volume, volume_id  # noqa: E402
+from SAMSegmentLib.wire import VolumeReceiver, array_to_npy, mask_from_json, mask_to_json, volume_id  # noqa: E402
 
 TOKEN = "test-token-0123456789abcdef"
 
@@ -208,14 +208,23 @@ def test_uploads_are_checked_and_never_unpickled(server):
     buffer = io.BytesIO()
     np.save(buffer, objects, allow_pickle=True)  # a pickle inside .npy
     evil = http("PUT", f"{server.url}/v1/volumes/{'2' * 64}", data=buffer.getvalue(), headers=auth)
-    assert evil.status == 400 and "not a readable .npy" in evil.json()["problem"]
+    assert evil.status == 400 and "dtype object is not accepted" in evil.json()["problem"]
     raw = http("PUT", f"{server.url}/v1/volumes/{'3' * 64}", data=pickle.dumps(good), headers=auth)
     assert raw.status == 400
     big = np.zeros((20, 400, 400), np.uint8)  # 3.2 M voxels > the fixture's 2 M limit
     too_big = http("PUT", f"{server.url}/v1/volumes/{volume_id(big)}", data=array_to_npy(big), headers=auth)
     assert too_big.status == 413 and too_big.json()["remedy"]
-    with pytest.raises(SAMSegmentError):
-        npy_to_volume(array_to_npy(np.zeros((3, 3), np.int16)))
+    flat = http("PUT", f"{server.url}/v1/volumes/{'4' * 64}", data=array_to_npy(np.zeros((3, 3), np.int16)),
+                headers=auth)
+    assert flat.status == 400 and "2 dimensions, not 3" in flat.json()["problem"]
+    short = http("PUT", f"{server.url}/v1/volumes/{volume_id(good)}", data=array_to_npy(good)[:-10], headers=auth)
+    assert short.status == 400 and "ended early" in short.json()["problem"]
+    long = http("PUT", f"{server.url}/v1/volumes/{volume_id(good)}", data=array_to_npy(good) + b"x", headers=auth)
+    assert long.status == 400 and "more bytes" in long.json()["problem"]
+    buffer = io.BytesIO()
+    np.save(buffer, np.asfortranarray(np.zeros((2, 3, 4), np.int16)))  # fortran_order: True in the header
+    fortran = http("PUT", f"{server.url}/v1/volumes/{'5' * 64}", data=buffer.getvalue(), headers=auth)
+    assert fortran.status == 400 and "Fortran order" in fortran.json()["problem"]
 
 
 @pytest.mark.slow
@@ -290,7 +299,12 @@ def test_wire_round_trips():
     mask = rng.random((37, 53)) > 0.5
     assert np.array_equal(mask_from_json(json.loads(json.dumps(mask_to_json(mask)))), mask)
     volume = rng.integers(-1000, 1000, (3, 5, 7)).astype(np.int16)
-    assert np.array_equal(npy_to_volume(array_to_npy(volume)), volume)
+    receiver = VolumeReceiver()
+    payload = array_to_npy(volume)
+    for start in range(0, len(payload), 17):  # any chunking
+        receiver.feed(payload[start:start + 17])
+    received, content = receiver.finish()
+    assert np.array_equal(received, volume) and content == volume_id(volume)
     assert volume_id(volume) == volume_id(volume.copy()) != volume_id(volume.astype(np.int32))
 
 
