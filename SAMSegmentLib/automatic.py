@@ -35,6 +35,7 @@ through the slices; with ``link=False`` every region of every slice gets its own
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Hashable, Sequence
 
@@ -50,6 +51,8 @@ log = logging.getLogger(__name__)
 
 # box grids: first-pass masks need only this predicted IoU to seed the tight-box refinement pass
 LOOSE_IOU_THRESH = 0.5
+# a denser grid is no segmentation setting but a typo: 512 x 512 prompts already take hours per slice
+MAX_POINTS_PER_SIDE = 512
 
 
 @dataclass(frozen=True)
@@ -79,12 +82,31 @@ class EverythingParams:
     def __post_init__(self) -> None:
         if self.points_per_side < 1:
             raise SAMSegmentError(f"points_per_side must be >= 1, got {self.points_per_side}", "use e.g. 16")
+        if self.points_per_side > MAX_POINTS_PER_SIDE:
+            raise SAMSegmentError(f"points_per_side {self.points_per_side} would decode {self.points_per_side ** 2} "
+                                  f"prompts per slice; at most {MAX_POINTS_PER_SIDE} per side are accepted",
+                                  "use e.g. 16 (SAM's own grids are 32 or 64 per side)")
         if self.prompt not in ("auto", "points", "boxes"):
             raise SAMSegmentError(f"Unknown grid prompt type {self.prompt!r}", "use auto, points or boxes")
         if self.batch_size < 0:
             raise SAMSegmentError(f"batch_size must be >= 0 (0 = auto), got {self.batch_size}", "use e.g. 16")
         if self.decoder not in ("auto", "batched", "loop"):
             raise SAMSegmentError(f"Unknown decoder path {self.decoder!r}", "use auto, batched or loop")
+        scales = tuple(self.box_scales)
+        if not scales or not all(_finite(v) and 0.0 < v <= 1.0 for v in scales):
+            raise SAMSegmentError(f"Box scales {list(scales)} must be fractions of the slice's longest side, each "
+                                  "above 0 and at most 1", "use e.g. 0.12 0.25")
+        check_fraction("pred_iou_thresh (--min-quality)", self.pred_iou_thresh, high=None)
+        check_fraction("stability_thresh (--min-stability)", self.stability_thresh)
+        check_fraction("nms_iou (--nms-iou)", self.nms_iou)
+        check_fraction("min_area_frac", self.min_area_frac)
+        check_fraction("max_area_frac", self.max_area_frac)
+        if not (_finite(self.stability_offset) and self.stability_offset > 0):
+            raise SAMSegmentError(f"stability_offset must be a finite number > 0, got {self.stability_offset!r}",
+                                  "use e.g. 1.0")
+        if self.min_area_frac >= self.max_area_frac:
+            raise SAMSegmentError(f"min_area_frac {self.min_area_frac} is not below max_area_frac {self.max_area_frac}",
+                                  "give a smaller minimum or a larger maximum region size")
 
     def resolved(self, needs_box: bool) -> "EverythingParams":
         """A copy with the model-dependent defaults filled in.
@@ -99,6 +121,19 @@ class EverythingParams:
         iou = self.pred_iou_thresh if self.pred_iou_thresh is not None else (0.70 if boxes else 0.88)
         stab = self.stability_thresh if self.stability_thresh is not None else (0.80 if boxes else 0.95)
         return replace(self, prompt="boxes" if boxes else "points", pred_iou_thresh=iou, stability_thresh=stab)
+
+
+def _finite(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating)) and math.isfinite(value)
+
+
+def check_fraction(name: str, value: Any, low: float = 0.0, high: float | None = 1.0) -> None:
+    """Refuse a threshold that is not None or a finite number in [low, high] (NaN would switch its filter off)."""
+    if value is None:
+        return
+    if not _finite(value) or value < low or (high is not None and value > high):
+        span = f"between {low:g} and {high:g}" if high is not None else f">= {low:g}"
+        raise SAMSegmentError(f"{name} must be a finite number {span}, got {value!r}", f"give a number {span}")
 
 
 @dataclass
@@ -522,6 +557,7 @@ def everything_volume(session: SessionProtocol, axis: int = 0, indices: Sequence
     Raises:
         CancelledError: ``cancel`` was set.
     """
+    check_fraction("link_iou", link_iou)
     shape = session.shape
     todo = list(range(shape[axis])) if indices is None else sorted({int(i) for i in indices})
     found: dict[int, list[Region]] = {}

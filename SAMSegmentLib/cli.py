@@ -9,6 +9,10 @@ RAS: negate the first two numbers); the slice is the one the points lie on.
 Layout: options shared by several commands are defined once, in the parent parsers of
 ``_parents``; each command names its parents and its function in ``build_parser`` (dispatch
 through ``set_defaults(func=...)``); every long engine call runs inside ``_interruptible``.
+
+Checks come first: every number of every option is finite and in its range (``_check_numbers``),
+then the image is read, then prompts, window, anchors and outputs are checked against it, and only
+then is the model loaded, so a typo costs no model load and no output is half written.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import PromptError, SAMSegmentError
+from .errors import CancelledError, ImageIOError, PromptError, SAMSegmentError
 
 log = logging.getLogger("samsegment")
 
@@ -101,6 +105,8 @@ def _propagation_options(g: Any) -> None:
     g.add_argument("--min-iou", type=float, default=None, help="stop when the overlap with the previous slice drops below")
     g.add_argument("--min-area", type=int, default=None, help="stop when the mask has fewer pixels than this")
     g.add_argument("--min-score", type=float, default=None, help="stop when the model's quality score drops below")
+    g.add_argument("--no-partial", action="store_true",
+                   help="on Ctrl-C write nothing (default: write the slices propagated so far, and say so)")
 
 
 def _everything_options(g: Any) -> None:
@@ -173,6 +179,17 @@ def _serve_options(g: Any) -> None:
     g.add_argument("--port-file", default=None, help="write the port here once listening (for launchers)")
     g.add_argument("--max-volume-voxels", type=int, default=600_000_000, help="largest volume accepted")
     g.add_argument("--max-request-mib", type=float, default=1024, help="largest request body accepted (MiB)")
+    g.add_argument("--ray", action="store_true",
+                   help="serve on Ray Serve: --replicas copies of the server behind one address, a volume's requests "
+                        "routed to the replica holding it (pip install samsegment[cluster])")
+    g.add_argument("--replicas", type=int, default=2, help="with --ray: number of replicas (default 2)")
+    g.add_argument("--ray-address", default=None,
+                   help="with --ray: an existing Ray cluster (auto, ray://HOST:10001; default: $RAY_ADDRESS, else a "
+                        "local Ray started for this command)")
+    g.add_argument("--replica-cpus", type=float, default=None,
+                   help="with --ray: CPUs per replica (default: 1 with a GPU, else the cluster's CPUs split evenly)")
+    g.add_argument("--replica-gpus", type=float, default=None,
+                   help="with --ray: GPUs per replica (default: 1 each when the cluster has enough, else a share)")
 
 
 def _intensity_options(g: Any) -> None:
@@ -222,6 +239,10 @@ def _axis(text: str) -> int:
 
 
 def _window(text: str) -> Any:
+    """``--window`` as ``set_volume`` takes it: None (auto), (low, high) or a preset name; refused
+    here, before anything is read, when it is none of these."""
+    from .preprocessing import CT_PRESETS, IntensityWindow
+
     if text in (None, "", "auto"):
         return None
     if "," in text:
@@ -229,8 +250,158 @@ def _window(text: str) -> Any:
             low, high = (float(v) for v in text.split(","))
         except ValueError as exc:
             raise SAMSegmentError(f"Cannot read window {text!r}", "write it as LOW,HIGH, e.g. -160,240") from exc
+        IntensityWindow(low, high)  # finite, not empty
         return (low, high)
+    if text not in CT_PRESETS:
+        raise SAMSegmentError(f"Unknown window preset {text!r}", f"choose one of {', '.join(CT_PRESETS)}, or LOW,HIGH")
     return text
+
+
+def _intensity_window(args: argparse.Namespace, volume: np.ndarray):
+    """The ``IntensityWindow`` of the command for ``volume``, refused before the model loads when
+    nothing would be visible through it."""
+    from .preprocessing import IntensityWindow, auto_window, check_window_shows
+
+    window = _window(args.window)
+    if window is None:
+        win = auto_window(volume, args.modality)
+    elif isinstance(window, tuple):
+        win = IntensityWindow(*window)
+    else:
+        win = auto_window(volume, args.modality, preset=window)
+    check_window_shows(volume, win)
+    return win
+
+
+def _flag(parser: argparse.ArgumentParser, dest: str) -> str:
+    """The longest option string of ``dest`` (e.g. "--cache-mib"), for messages."""
+    for action in parser._actions:
+        if action.dest == dest and action.option_strings:
+            return max(action.option_strings, key=len)
+    return dest
+
+
+def _flatten(value: Any) -> list[Any]:
+    """The numbers of an option's value (a number, or lists of them: nargs and append options)."""
+    if isinstance(value, (list, tuple)):
+        return [v for item in value for v in _flatten(item)]
+    return [value]
+
+
+def _check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, before anything is read or loaded, every non-finite number of every numeric option
+    of the command (argparse's ``float`` takes "nan", "inf" and "1e999"), and the values that
+    mean nothing whatever the image: the ranges of the engine's own checks are applied where the
+    command builds its settings (``StopRules``, ``EverythingParams``, ``check_sampling``)."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+    for action in sub._actions:
+        if action.type is not float:
+            continue
+        value = getattr(args, action.dest, None)
+        if value is None:
+            continue
+        flat = _flatten(value)
+        if not all(np.isfinite(v) for v in flat):
+            shown = " ".join(f"{v:g}" for v in flat)
+            raise SAMSegmentError(f"{max(action.option_strings, key=len)} {shown}: not a finite number",
+                                  "give finite numbers (NaN and infinity are not accepted)")
+    limits = [  # dest, what it is, lowest allowed, highest allowed, remedy
+        ("cache_mib", "Embedding cache budget", 0.0, None, "give the embedding memory budget in MiB, e.g. 1024"),
+        ("box_margin", "Box margin", 0.0, 1.0, "give e.g. 0.1 for 10 % of the box side, or 0 to use boxes as drawn"),
+        ("max_slices", "Slice count", 1, None, "give how many slices each way at most (or use 'segment' for one slice)"),
+        ("link_iou", "Linking overlap", 0.0, 1.0, "give the overlap needed to link regions, e.g. 0.5"),
+    ]
+    for dest, what, low, high, remedy in limits:
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        too_low = value <= low if dest == "cache_mib" else value < low
+        if too_low or (high is not None and value > high):
+            span = f"between {low:g} and {high:g}" if high is not None else (
+                f"above {low:g}" if dest == "cache_mib" else f"at least {low:g}")
+            raise SAMSegmentError(f"{what} {_flag(sub, dest)} {value:g} must be {span}", remedy)
+    if getattr(args, "range", None) is not None:
+        first, last = args.range
+        if first < 0 or last < first:
+            raise PromptError(f"--range {first} {last} is not a range of slices: "
+                              + ("slice indices start at 0" if first < 0 else "the first slice is after the last"),
+                              "give the first slice, then the last (both >= 0), e.g. --range 10 40")
+
+
+def _sources(args: argparse.Namespace) -> list[str]:
+    """The command's inputs, which no output may replace."""
+    return [args.image] + ([args.anchor_mask] if getattr(args, "anchor_mask", None) else [])
+
+
+def _check_outputs(args: argparse.Namespace, geometry: Any, images: Sequence[str] = ("out",)) -> None:
+    """Refuse every output of the command before any work (an input, an existing file without
+    --overwrite, a wrong type, the same file given twice) and create their folders."""
+    from . import io as sio
+
+    sources = _sources(args)
+    given = [(f"--{dest.replace('_', '-')}", getattr(args, dest, None)) for dest in (*images, "png")]
+    given = [(flag, path) for flag, path in given if path]
+    for flag, path in given:
+        if flag == "--png":
+            sio.check_png_path(path, args.overwrite, sources)
+        else:
+            sio.check_output_path(path, args.overwrite, sources, geometry)
+    seen: dict[Path, str] = {}
+    for flag, path in given:
+        key = Path(path).expanduser().resolve()
+        if key in seen:
+            raise ImageIOError(f"{seen[key]} and {flag} name the same file {path}", "give each output its own name")
+        seen[key] = flag
+
+
+def _same_file(a: str, b: str) -> bool:
+    import os
+
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def _anchor_masks(args: argparse.Namespace, volume: np.ndarray, geometry: Any, axis: int) -> dict[int, np.ndarray]:
+    """The accepted slices of ``--anchor-mask`` along ``axis``, on the image's grid.
+
+    Refused: the image itself or a copy of it, or anything that is not a label map (negative or
+    fractional values, hundreds of distinct values: an intensity image). A mask on another grid is resampled onto the
+    image's (``volume.mask_on_grid``), with a note on stderr.
+    """
+    from . import io as sio
+    from .preprocessing import _sample
+    from .volume import mask_on_grid
+
+    remedy = "give a label map of this image: 0 outside, 1 (or another positive label) inside, e.g. the --out of " \
+             "samsegment segment"
+    if _same_file(args.anchor_mask, args.image):
+        raise PromptError(f"--anchor-mask {args.anchor_mask} is the image itself, not a mask of it", remedy)
+    given, mask_geometry = sio.read_volume(args.anchor_mask)
+    values = np.unique(_sample(given))
+    if values.size and (values.min() < 0 or (given.dtype.kind == "f" and np.any(np.mod(given, 1) != 0))):
+        raise PromptError(f"--anchor-mask {args.anchor_mask} holds {'negative' if values.min() < 0 else 'fractional'} "
+                          f"values ({float(values.min()):g} to {float(values.max()):g}): it is not a mask", remedy)
+    if values.size > 256:
+        raise PromptError(f"--anchor-mask {args.anchor_mask} holds {values.size} or more different values: it looks like "
+                          "an intensity image, not a mask", remedy)
+    if given.shape == volume.shape and np.array_equal(given, volume):
+        raise PromptError(f"--anchor-mask {args.anchor_mask} holds the same voxels as the image: it is a copy of the "
+                          "image, not a mask of it", remedy)
+    labels = [v for v in values.tolist() if v]
+    if len(labels) > 1:
+        print(f"note: --anchor-mask holds labels {', '.join(f'{v:g}' for v in labels[:10])}"
+              f"{', ...' if len(labels) > 10 else ''}; every nonzero voxel is used, as one mask", file=sys.stderr)
+    given, note = mask_on_grid(given, mask_geometry, geometry, "--anchor-mask")
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    moved = np.moveaxis(given > 0, axis, 0)
+    anchors = {int(i): moved[i] for i in range(moved.shape[0]) if moved[i].any()}
+    if not anchors:
+        raise PromptError(f"--anchor-mask {args.anchor_mask} is empty: it has no accepted slice to propagate from",
+                          "segment a slice and save it first (samsegment segment ... --out mask.nii.gz)")
+    return anchors
 
 
 def _read(args: argparse.Namespace):
@@ -311,26 +482,93 @@ def _progress(desc: str, position: int) -> tuple[Callable[[int, int, str], None]
     return update, close
 
 
+def _first_ctrl_c_cancels(cancel: Any) -> Callable[[], None]:
+    """Make the first Ctrl-C set ``cancel`` (the engine stops at its next check and returns or raises
+    in order) and a second one raise ``KeyboardInterrupt`` (stop at once). Returns the function that
+    restores the previous handler. Nothing changes off the main thread, or where SIGINT is ignored."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum: int, frame: Any) -> None:
+        if cancel.cancelled:
+            raise KeyboardInterrupt
+        cancel.cancel()
+        print("\nCtrl-C: stopping after the current step (press Ctrl-C again to stop at once)", file=sys.stderr,
+              flush=True)
+
+    try:
+        previous = signal.getsignal(signal.SIGINT)
+        if previous == signal.SIG_IGN:
+            return lambda: None
+        signal.signal(signal.SIGINT, handler)
+    except (ValueError, OSError):
+        return lambda: None
+    return lambda: signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
 @contextlib.contextmanager
 def _interruptible(*bars: str, interrupted: str = "") -> Iterator[tuple[Any, ...]]:
     """(one progress callback per name in ``bars``, ..., cancel token) for one long engine call;
-    the bars are always closed. Ctrl-C first cancels the token, so the session's workers stop
-    too, then goes on up to ``main`` as a KeyboardInterrupt that carries ``interrupted`` (the
-    message to print; default: nothing was written)."""
+    the bars are always closed. The first Ctrl-C cancels the token, so the engine and the session's
+    workers stop in order: a call that returns what it did (propagation) returns, one that raises
+    ``CancelledError`` goes on up to ``main`` as a KeyboardInterrupt that carries ``interrupted``
+    (the message to print; default: nothing was written). A second Ctrl-C stops at once, the same way."""
     from .worker import CancelToken
 
     cancel = CancelToken()
     progress = [_progress(desc, position) for position, desc in enumerate(bars)]
+    restore = _first_ctrl_c_cancels(cancel)
     try:
         yield (*(update for update, _ in progress), cancel)
+    except CancelledError as exc:
+        if not cancel.cancelled:
+            raise
+        raise KeyboardInterrupt(interrupted) from exc
     except KeyboardInterrupt as exc:
         cancel.cancel()
         if interrupted:
             raise KeyboardInterrupt(interrupted) from exc
         raise
     finally:
+        restore()
         for _, close in progress:
             close()
+
+
+def _ignore_ctrl_c() -> Callable[[], None]:
+    """Ignore SIGINT (on the main thread); returns the function that restores the previous handler."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except (ValueError, OSError):
+        return lambda: None
+    return lambda: signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
+def _stop_workers(mark: int, hard: bool) -> None:
+    """After Ctrl-C: stop the threads this command started and wait for the model call each is in,
+    Ctrl-C ignored meanwhile (a thread still inside torch/ONNX Runtime at interpreter exit aborts the
+    process). ``hard``: if one is still busy after a minute, leave with ``os._exit(130)``, which ends
+    the process without the teardown that aborts."""
+    from .worker import shutdown_all
+
+    if shutdown_all(timeout=1.0, since=mark):
+        return
+    print("waiting for the model call in progress to finish ...", file=sys.stderr, flush=True)
+    if shutdown_all(timeout=60.0, since=mark) or not hard:
+        return
+    import os
+
+    print("the model call did not finish; exiting without waiting", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(130)
 
 
 def _slice_prompts(args: argparse.Namespace, geometry: Any, shape: tuple[int, ...]):
@@ -352,6 +590,8 @@ def _slice_prompts(args: argparse.Namespace, geometry: Any, shape: tuple[int, ..
         box = None if args.box is None else [min(args.box[0], args.box[2]), min(args.box[1], args.box[3]),
                                              max(args.box[0], args.box[2]), max(args.box[1], args.box[3])]
         return ref, Prompts.from_lists([tuple(p) for p in args.point], [tuple(p) for p in args.exclude], box)
+    if args.slice is not None and args.slice < 0:
+        raise PromptError(f"--slice {args.slice} is negative", "slice indices start at 0; or drop --slice with LPS prompts")
     # physical LPS: convert to array (K, J, I) continuous indices, then to slice pixels
     groups = [("include", p) for p in args.point] + [("exclude", p) for p in args.exclude]
     for _, pt in groups:
@@ -360,13 +600,22 @@ def _slice_prompts(args: argparse.Namespace, geometry: Any, shape: tuple[int, ..
     if args.box is not None and len(args.box) != 6:
         raise PromptError(f"An LPS box needs two corners (6 numbers), got {args.box}", "write --box X0 Y0 Z0 X1 Y1 Z1")
     physical = [pt for _, pt in groups] + ([args.box[:3], args.box[3:]] if args.box is not None else [])
-    kji = np.array([geometry.physical_to_array_index(p) for p in physical])
+    with np.errstate(over="ignore", invalid="ignore"):
+        kji = np.array([geometry.physical_to_array_index(p) for p in physical])
+    far = ~np.isfinite(kji).all(axis=1) | (np.abs(kji) > 10 * max(shape)).any(axis=1)
+    if far.any():
+        raise PromptError(f"The LPS point {list(physical[int(np.argmax(far))])} lies far outside the image",
+                          "check the coordinates (LPS, in mm; Slicer shows RAS: negate the first two) and the image")
     slice_pos = kji[:, axis]
-    index = int(np.rint(np.median(slice_pos))) if args.slice is None else args.slice
-    if np.abs(slice_pos - index).max() > 0.5 + 1e-6:
+    on = int(np.rint(np.median(slice_pos)))
+    if np.abs(slice_pos - on).max() > 0.5 + 1e-6:
         raise PromptError(f"The LPS prompts lie on different slices along axis {axis} "
                           f"(positions {np.round(slice_pos, 2).tolist()})",
                           "give points on one slice, or choose another --axis")
+    if args.slice is not None and args.slice != on:
+        raise PromptError(f"The LPS prompts lie on slice {on} along axis {axis}, not on --slice {args.slice}",
+                          f"drop --slice (LPS prompts choose their slice), or give --slice {on}")
+    index = on
     if not 0 <= index < shape[axis]:
         raise PromptError(f"The LPS prompts lie on slice {index}, outside the volume (0..{shape[axis] - 1})",
                           "check the coordinates (LPS, mm) and the image")
@@ -381,12 +630,31 @@ def _slice_prompts(args: argparse.Namespace, geometry: Any, shape: tuple[int, ..
     return SliceRef(axis, index), Prompts.from_lists(include, exclude, box)
 
 
+def _checked_prompts(args: argparse.Namespace, volume: np.ndarray, geometry: Any, window: Any):
+    """``_slice_prompts``, refused before the model loads when the session would refuse them: a slice
+    outside the volume or constant in ``window``, a prompt outside the slice, points alone for a
+    model that needs a box (the model's registry entry says; a server checks its own)."""
+    from .model_registry import get_spec
+    from .prompts import check_prompts, require_box
+    from .volume import check_slice_ref, constant_slice_error, get_slice, slice_shape
+
+    ref, prompts = _slice_prompts(args, geometry, volume.shape)
+    check_slice_ref(volume.shape, ref)
+    check_prompts(prompts, *slice_shape(volume.shape, ref.axis))
+    if not getattr(args, "server", None):
+        require_box(get_spec(args.model, args.registry), prompts)
+    image = window.apply(get_slice(volume, ref))
+    if int(image.min()) == int(image.max()):
+        raise constant_slice_error(ref, image)
+    return ref, prompts
+
+
 def _write_outputs(args: argparse.Namespace, mask_kji: np.ndarray, geometry: Any, session: Any,
                    axis: int, indices: list[int]) -> None:
     from . import io as sio
 
     sio.write_mask(args.out, mask_kji.astype(np.uint8), geometry, overwrite=args.overwrite,
-                   source_paths=[args.image] + ([args.anchor_mask] if getattr(args, "anchor_mask", None) else []))
+                   source_paths=_sources(args))
     print(f"Mask written: {args.out}")
     _write_png(args, session, mask_kji, axis, indices, geometry)
 
@@ -397,7 +665,7 @@ def _write_png(args: argparse.Namespace, session: Any, mask_kji: np.ndarray, axi
 
     if args.png:
         sio.write_png_montage(args.png, session.slice_image, mask_kji, axis, indices, geometry,
-                              overwrite=args.overwrite)
+                              overwrite=args.overwrite, source_paths=_sources(args))
         print(f"Overlay written: {args.png}")
 
 
@@ -443,9 +711,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .volume import set_slice
 
     volume, geometry = _read(args)
+    window = _intensity_window(args, volume)
+    ref, prompts = _checked_prompts(args, volume, geometry, window)
+    _check_outputs(args, geometry)
     with _session(args) as session:
-        session.set_volume(volume, window=_window(args.window), modality=args.modality)
-        ref, prompts = _slice_prompts(args, geometry, volume.shape)
+        session.set_volume(volume, window=window, modality=args.modality)
         t0 = time.perf_counter()
         pred = session.predict(ref, prompts)
         log.info("slice %s segmented in %.2f s", ref, time.perf_counter() - t0)
@@ -457,51 +727,60 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def _rules(args: argparse.Namespace):
+    """The command's ``StopRules`` (refused when they mean nothing: ``StopRules.check``)."""
     from .propagation import StopRules
 
-    rules = StopRules(max_slices=args.max_slices, index_range=tuple(args.range) if args.range else None)
-    if args.min_iou is not None:
-        rules.min_iou = args.min_iou
-    if args.min_area is not None:
-        rules.min_area_px = args.min_area
-    if args.min_score is not None:
-        rules.min_score = args.min_score
-    return rules
+    given = {"min_iou": args.min_iou, "min_area_px": args.min_area, "min_score": args.min_score}
+    return StopRules(max_slices=args.max_slices, index_range=tuple(args.range) if args.range else None,
+                     **{name: value for name, value in given.items() if value is not None})
 
 
 def cmd_propagate(args: argparse.Namespace) -> int:
-    from . import io as sio
-    from .propagation import propagate
+    from .propagation import check_anchors_in_range, propagate
 
+    rules = _rules(args)
     volume, geometry = _read(args)
     axis = _axis(args.axis)
+    window = _intensity_window(args, volume)
+    anchors = ref = prompts = None
+    if args.anchor_mask and (args.box is not None or args.point or args.exclude or args.slice is not None):
+        raise PromptError("--anchor-mask gives the accepted slices, so --slice, --box, --point and --exclude would be "
+                          "ignored", "give either prompts on one slice or --anchor-mask, not both")
+    if args.anchor_mask:
+        anchors = _anchor_masks(args, volume, geometry, axis)
+        check_anchors_in_range(anchors, rules.index_range)
+    else:
+        ref, prompts = _checked_prompts(args, volume, geometry, window)
+        axis = ref.axis
+        check_anchors_in_range({ref.index: None}, rules.index_range)
+    _check_outputs(args, geometry)
     with _session(args) as session:
-        session.set_volume(volume, window=_window(args.window), modality=args.modality)
-        if args.anchor_mask:
-            given, _ = sio.read_volume(args.anchor_mask)
-            if given.shape != volume.shape:
-                raise PromptError(f"--anchor-mask has shape {given.shape}, the image {volume.shape}",
-                                  "give a mask on the same voxel grid as the image")
-            moved = np.moveaxis(given > 0, axis, 0)
-            anchors = {int(i): moved[i] for i in range(moved.shape[0]) if moved[i].any()}
-        else:
-            ref, prompts = _slice_prompts(args, geometry, volume.shape)
-            axis = ref.axis
+        session.set_volume(volume, window=window, modality=args.modality)
+        if anchors is None:
             pred = session.predict(ref, prompts)
             print(f"Slice {ref.index} (axis {'kji'[axis]}): {pred.area} pixels, model score {pred.score:.3f}")
             anchors = {ref.index: pred.mask}
         t0 = time.perf_counter()
         run = session.propagate if _remote(session) else partial(propagate, session)
         with _interruptible("propagating") as (update, cancel):
-            result = run(axis, anchors, direction=args.direction, rules=_rules(args), progress=update, cancel=cancel)
+            result = run(axis, anchors, direction=args.direction, rules=rules, progress=update, cancel=cancel)
         elapsed = time.perf_counter() - t0
         for stop in result.stops:
             way = "up" if stop.direction > 0 else "down"
             print(f"  from slice {stop.anchor} {way}: stopped after slice {stop.last_index} ({stop.reason.value})")
         print(f"Propagated to {len(result.masks)} slice(s) in {elapsed:.1f} s")
+        if result.cancelled:
+            print(f"Interrupted (Ctrl-C) after {len(result.masks)} propagated slice(s): stop reason "
+                  f"'{result.stops[0].reason.value if result.stops else 'cancelled'}'", file=sys.stderr)
+            if args.no_partial:
+                raise KeyboardInterrupt("interrupted; --no-partial: nothing was written")
         mask = result.to_volume(volume.shape, anchors)
         indices = sorted(set(anchors) | set(result.masks))
         _write_outputs(args, mask, geometry, session, axis, indices)
+        if result.cancelled:
+            print(f"The mask holds the {len(anchors)} accepted and {len(result.masks)} propagated slice(s) done before "
+                  "Ctrl-C; run again (or pass --no-partial to write nothing)", file=sys.stderr)
+            return 130
     return 0
 
 
@@ -510,9 +789,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server.state import Limits
 
     limits = Limits(max_volume_voxels=args.max_volume_voxels, max_request_bytes=int(args.max_request_mib * 2**20))
+    if args.ray:
+        return _serve_on_ray(args, limits)
     serve(args.host, args.port, token_file=args.token_file, no_auth=args.no_auth, ssl_certfile=args.ssl_certfile,
           ssl_keyfile=args.ssl_keyfile, device=None if args.device == "auto" else args.device, runtime=args.runtime,
           limits=limits, cache_bytes=int(args.cache_mib * 2**20), registry=args.registry, port_file=args.port_file)
+    return 0
+
+
+def _serve_on_ray(args: argparse.Namespace, limits: Any) -> int:
+    """``samsegment serve --ray``: the same server as N Ray Serve replicas (see server/ray_serve.py)."""
+    try:
+        from .server import ray_serve
+    except ImportError as exc:
+        raise SAMSegmentError(f"--ray needs Ray Serve, which is not installed here ({exc.name})",
+                              "pip install 'samsegment[cluster]' (or 'ray[serve]'), or serve without --ray") from exc
+    if args.replicas < 1:
+        raise SAMSegmentError(f"--replicas must be at least 1, got {args.replicas}", "give --replicas 1 or more")
+    ray_serve.serve_on_ray(args.replicas, args.host, args.port, token_file=args.token_file, no_auth=args.no_auth,
+                           ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, port_file=args.port_file,
+                           limits=limits, device=None if args.device == "auto" else args.device, runtime=args.runtime,
+                           cache_bytes=int(args.cache_mib * 2**20), registry=args.registry, model=args.model,
+                           ray_address=args.ray_address, replica_cpus=args.replica_cpus,
+                           replica_gpus=args.replica_gpus)
     return 0
 
 
@@ -521,14 +820,16 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     if not args.cache_dir:
         raise SAMSegmentError("embed needs --cache-dir", "give a folder to store the embeddings in")
-    volume, _ = _read(args)
     axis = _axis(args.axis)
+    volume, _ = _read(args)
+    window = _intensity_window(args, volume)
     with _session(args) as session:
-        session.set_volume(volume, window=_window(args.window), modality=args.modality,
-                           overwrite_disk_cache=args.overwrite)
+        session.set_volume(volume, window=window, modality=args.modality, overwrite_disk_cache=args.overwrite)
         refs = [SliceRef(axis, i) for i in range(volume.shape[axis])]
         t0 = time.perf_counter()
-        with _interruptible("encoding") as (update, cancel):
+        kept = (f"interrupted; the slices encoded so far are kept in {args.cache_dir} (run the same command again "
+                "to encode the rest)")
+        with _interruptible("encoding", interrupted=kept) as (update, cancel):
             encoded = session.encode_slices(refs, progress=update, cancel=cancel)
         print(f"{encoded} slice(s) encoded, {len(refs) - encoded} already cached or blank, "
               f"in {time.perf_counter() - t0:.1f} s -> {args.cache_dir}")
@@ -550,6 +851,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"Mask: {summary['mask']}\nOverlay: {summary['overlay']}")
     print(f"Dice: {summary['dice']:.4f}")
     log.info(json.dumps(summary, indent=1))
+    if cancel.cancelled:
+        print("Interrupted (Ctrl-C): the mask and the Dice cover only the slices propagated before it", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -557,8 +861,11 @@ def cmd_everything(args: argparse.Namespace) -> int:
     from . import io as sio
     from .automatic import everything_volume
 
-    volume, geometry = _read(args)
+    params = _everything_params(args)
+    if args.slice is not None and args.range is not None:
+        raise PromptError("--slice and --range both choose the slices", "give one of them")
     axis = _axis(args.axis)
+    volume, geometry = _read(args)
     n = volume.shape[axis]
     if args.slice is not None:
         indices = [args.slice]
@@ -568,11 +875,10 @@ def cmd_everything(args: argparse.Namespace) -> int:
         indices = list(range(n))
     if not indices or not all(0 <= i < n for i in indices):
         raise PromptError(f"No valid slice to process (axis {'kji'[axis]} has 0..{n - 1})", "check --slice/--range")
-    if Path(args.out).exists() and not args.overwrite:  # fail before minutes of work, not after
-        raise sio.ImageIOError(f"{args.out} already exists", "pass --overwrite or choose another name")
-    params = _everything_params(args)
+    window = _intensity_window(args, volume)
+    _check_outputs(args, geometry)  # fail before minutes of work, not after
     with _session(args) as session:
-        session.set_volume(volume, window=_window(args.window), modality=args.modality)
+        session.set_volume(volume, window=window, modality=args.modality)
         t0 = time.perf_counter()
         with _interruptible("everything") as (update, cancel):
             labels = everything_volume(session, axis, indices, params, link=not args.per_slice_labels,
@@ -590,13 +896,14 @@ def cmd_everything(args: argparse.Namespace) -> int:
 def cmd_samaug(args: argparse.Namespace) -> int:
     from .samaug import find_inputs, samaug_batch
 
-    inputs = find_inputs(args.input_dir)
-    axis = _axis(args.axis)
     params = _everything_params(args)
+    axis = _axis(args.axis)
+    window = _window(args.window)
+    inputs = find_inputs(args.input_dir)
     resume = "interrupted; finished cases are kept, run the same command again to resume"
     with _session(args) as session:
         with _interruptible("cases", "slices", interrupted=resume) as (cases_update, slices_update, cancel):
-            summary = samaug_batch(inputs, args.out, session, axis, params, window=_window(args.window),
+            summary = samaug_batch(inputs, args.out, session, axis, params, window=window,
                                    modality=args.modality, redo=args.redo, progress=cases_update,
                                    slice_progress=slices_update, cancel=cancel)
     print(f"{len(summary.done)} case(s) written, {len(summary.skipped)} already finished (skipped), "
@@ -608,16 +915,16 @@ def cmd_samaug(args: argparse.Namespace) -> int:
 
 def cmd_uncertainty(args: argparse.Namespace) -> int:
     from . import io as sio
-    from .uncertainty import prompt_uncertainty
+    from .uncertainty import check_sampling, prompt_uncertainty
     from .volume import set_slice
 
+    check_sampling(args.samples, args.jitter, args.seed, args.measure)
     volume, geometry = _read(args)
-    for target in [args.out] + ([args.prob_out] if args.prob_out else []):
-        if Path(target).exists() and not args.overwrite:
-            raise sio.ImageIOError(f"{target} already exists", "pass --overwrite or choose another name")
+    window = _intensity_window(args, volume)
+    ref, prompts = _checked_prompts(args, volume, geometry, window)
+    _check_outputs(args, geometry, images=("out", "prob_out"))
     with _session(args) as session:
-        session.set_volume(volume, window=_window(args.window), modality=args.modality)
-        ref, prompts = _slice_prompts(args, geometry, volume.shape)
+        session.set_volume(volume, window=window, modality=args.modality)
         t0 = time.perf_counter()
         run = session.prompt_uncertainty if _remote(session) else partial(prompt_uncertainty, session)
         mean, unc = run(ref, prompts, n=args.samples, jitter=args.jitter, seed=args.seed, measure=args.measure)
@@ -712,12 +1019,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit status (0; 2 for the user's errors, with what to do; 130
+    after Ctrl-C; 3 out of memory). ``argv`` None: the process's own command line, which may then
+    end with ``os._exit`` if a model call cannot be waited for after Ctrl-C (see ``_stop_workers``)."""
     import warnings
 
+    from .worker import worker_mark
+
+    mark = worker_mark()
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
         warnings.filterwarnings("ignore", category=FutureWarning, module="timm")
+        _check_numbers(parser, args)
         return args.func(args)
     except SAMSegmentError as exc:
         print(f"error: {exc.problem}", file=sys.stderr)
@@ -725,7 +1040,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  what to do: {exc.remedy}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        print(str(exc) or "interrupted; nothing was written", file=sys.stderr)
+        restore = _ignore_ctrl_c()  # a further Ctrl-C must not interrupt the orderly stop
+        try:
+            print(str(exc) or "interrupted; nothing was written", file=sys.stderr, flush=True)
+            _stop_workers(mark, hard=argv is None)
+        finally:
+            if argv is not None:  # called in-process (tests, scripts): leave Ctrl-C as it was
+                restore()
         return 130
     except MemoryError:
         print("error: out of memory\n  what to do: lower --cache-mib, close other programs, or crop the image",

@@ -54,18 +54,19 @@ def run_demo(out_dir: str | Path, structure: str = "spleen", model: str | SamBac
     from .volume import SliceRef
 
     out = Path(out_dir)
-    mask_path = out / f"{structure}_mask.nii.gz"
-    png_path = out / f"{structure}_overlay.png"
-    for p in (mask_path, png_path):
-        if p.exists() and not overwrite:
-            raise ImageIOError(f"{p} already exists", "pass --overwrite or choose another --out folder")
-    out.mkdir(parents=True, exist_ok=True)
-
     labels_by_name = sample_data.label_values()
     if structure not in labels_by_name:
         raise PromptError(f"The sample has no structure {structure!r}",
                           f"choose one of: {', '.join(sorted(labels_by_name))}")
+    if out.exists() and not out.is_dir():
+        raise ImageIOError(f"{out} is a file; the demo writes its mask and overlay into a folder",
+                           "give --out a folder (new or existing)")
     image_path = sample_data.path(sample_data.IMAGE)
+    mask_path = out / f"{structure}_mask.nii.gz"
+    png_path = out / f"{structure}_overlay.png"
+    # both outputs refused (existing, or their folder not writable) before any work
+    sio.check_output_path(mask_path, overwrite, [image_path])
+    sio.check_png_path(png_path, overwrite, [image_path])
     volume, geometry = sio.read_volume(image_path)
     labels, _ = sio.read_volume(sample_data.path(sample_data.LABELS))
     reference = labels == labels_by_name[structure]
@@ -87,7 +88,8 @@ def run_demo(out_dir: str | Path, structure: str = "spleen", model: str | SamBac
         elapsed = time.perf_counter() - t0
         sio.write_mask(mask_path, seg.astype(np.uint8), geometry, overwrite=overwrite, source_paths=[image_path])
         indices = sorted({anchor} | set(result.masks))
-        sio.write_png_montage(png_path, session.slice_image, seg, axis, indices, geometry, overwrite=overwrite)
+        sio.write_png_montage(png_path, session.slice_image, seg, axis, indices, geometry, overwrite=overwrite,
+                              source_paths=[image_path])
         return {
             "structure": structure, "model": session.model_id, "device": session.backend.device,
             "anchor_slice": anchor, "box_xyxy": box, "anchor_dice": round(dice(first.mask, np.take(reference, anchor, axis)), 4),

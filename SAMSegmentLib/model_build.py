@@ -68,14 +68,25 @@ def load_state_dict(path: str | Path) -> dict[str, Any]:
             than tensors, or one holding no weights.
     """
     import pickle
+    import warnings
 
     import torch
 
     path = Path(path)
     if path.stat().st_size == 0:
         raise CheckpointError(f"Checkpoint {path} is empty (0 bytes)", "download the file again")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive (or, before torch 1.6, a pickle); anything else is not a checkpoint,
+    # and torch.load would call it "unpickling" failure, as if it held unsafe objects
+    if not (head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))):
+        raise CheckpointError(f"Checkpoint {path} is not a PyTorch checkpoint: it is neither a zip archive nor a pickle "
+                              f"(it starts with bytes {head.hex(' ')})",
+                              "download the file again and compare its size/sha256 with the official release")
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes about the file are replaced by the errors below
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(f"Checkpoint {path} contains Python objects other than tensors; it was not loaded "
                               "because unpickling untrusted files can run code",

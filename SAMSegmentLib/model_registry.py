@@ -288,6 +288,8 @@ def sha256_of(path: str | Path) -> str:
 
 
 def _existing_file(path: Path, problem: str, remedy: str) -> Path:
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file", remedy)
     if not path.is_file():
         raise CheckpointError(problem, remedy)
     return path

@@ -2,9 +2,11 @@
 
 A graph is exported from the loaded network on first use and kept in a cache folder. Each graph
 lives in its own folder whose name carries a hash of its signature (model id, weights sha256,
-torch and onnxruntime versions, opset, export format); the full signature is stored beside it and
-compared on load. A file whose signature does not match, or that ONNX Runtime cannot open, is
-exported again, never used. A fresh export is checked against eager PyTorch before it is kept.
+torch and onnxruntime versions, opset, export format); the full signature is stored beside it,
+with the sha256 of every file of the graph (``model.onnx`` and any external data files), and both
+are compared on load. A graph whose signature or file hashes do not match (a damaged or replaced
+file, even one that still parses), or that ONNX Runtime cannot open, is exported again, never used.
+A fresh export is checked against eager PyTorch before it is kept.
 Every failure raises; the caller (``SamBackend``) then runs that part in eager PyTorch.
 
 Cache folder: the ``cache_dir`` argument, else ``$SAMSEGMENT_CACHE/onnx``, else
@@ -28,7 +30,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .errors import SAMSegmentError
-from .files import atomic_write_text
+from .files import WriteError, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ ONNX_OPSET = 17
 EXPORT_FORMAT = 3
 MODEL_FILE = "model.onnx"
 SIGNATURE_FILE = "signature.json"
+FILES_KEY = "files"  # in a stored signature: {file name: sha256} of every file of the graph
 # Exported graphs are checked against eager PyTorch once, on the export's own example input.
 VERIFY_RTOL = 1e-3
 
@@ -114,7 +117,7 @@ def weights_digest(weights_path: str | Path, cache_dir: str | Path, known_sha256
     try:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         atomic_write_text(memo_path, json.dumps(memo, indent=1))
-    except OSError as exc:  # a read-only cache only costs a re-hash next time
+    except (OSError, WriteError) as exc:  # a read-only cache only costs a re-hash next time
         log.debug("could not remember the weights digest in %s: %s", memo_path, exc)
     return digest
 
@@ -142,8 +145,10 @@ def export_signature(model_id: str, architecture: str, image_size: int, part: st
 
 
 def signature_hash(signature: dict[str, Any]) -> str:
-    """A short stable hash of ``signature`` (16 hex digits)."""
-    return hashlib.sha256(json.dumps(signature, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+    """A short stable hash of ``signature`` (16 hex digits); the file hashes a stored signature also
+    holds (``FILES_KEY``) are not part of it."""
+    core = {k: v for k, v in signature.items() if k != FILES_KEY}
+    return hashlib.sha256(json.dumps(core, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
 def artifact_dir(cache_dir: str | Path, signature: dict[str, Any]) -> Path:
@@ -185,6 +190,34 @@ def _read_signature(folder: Path) -> dict[str, Any] | None:
     return found if isinstance(found, dict) else None
 
 
+def _signature_core(found: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A stored signature without its file hashes (what ``export_signature`` returns)."""
+    return None if found is None else {k: v for k, v in found.items() if k != FILES_KEY}
+
+
+def _graph_files(folder: Path) -> dict[str, str]:
+    """sha256 of every file of the graph in ``folder`` (all but the signature file)."""
+    from .model_registry import sha256_of
+
+    return {f.name: sha256_of(f) for f in sorted(folder.iterdir()) if f.is_file() and f.name != SIGNATURE_FILE}
+
+
+def _files_problem(folder: Path, found: dict[str, Any]) -> str | None:
+    """Why the graph files in ``folder`` are not the ones its stored signature ``found`` records, or None."""
+    from .model_registry import sha256_of
+
+    recorded = found.get(FILES_KEY)
+    if not isinstance(recorded, dict) or MODEL_FILE not in recorded:
+        return "no file hashes recorded (made by an older version)"
+    for name, digest in recorded.items():
+        path = folder / str(name)
+        if not path.is_file():
+            return f"{name} is missing"
+        if sha256_of(path) != digest:
+            return f"{name} does not match its recorded sha256 (damaged or replaced)"
+    return None
+
+
 # ----------------------------------------------------------------------------- load or export
 def load_or_export(part: str, signature: dict[str, Any], cache_dir: str | Path, recipe: GraphRecipe) -> OnnxGraph:
     """The cached graph for ``signature`` if it is valid, otherwise a fresh, verified export.
@@ -207,7 +240,10 @@ def load_or_export(part: str, signature: dict[str, Any], cache_dir: str | Path, 
     with _export_lock:
         if folder.exists():
             found = _read_signature(folder)
-            if found == signature:
+            problem = _files_problem(folder, found) if found is not None and _signature_core(found) == signature else None
+            if problem:
+                log.warning("Cached ONNX graph %s is not used: %s; exporting it again", folder, problem)
+            elif _signature_core(found) == signature:
                 try:
                     graph = OnnxGraph(part, folder / MODEL_FILE, signature, _open_session(folder / MODEL_FILE), False)
                     log.info("%s %s: using cached ONNX graph %s", signature["model_id"], part, folder)
@@ -251,11 +287,17 @@ def _export(part: str, signature: dict[str, Any], folder: Path, recipe: GraphRec
         for inputs in recipe.check_inputs:
             _verify(part, module, session, inputs, recipe)
         del session  # closed before the folder is renamed (Windows cannot rename open or mapped files)
-        atomic_write_text(tmp / SIGNATURE_FILE, json.dumps(signature, indent=1, sort_keys=True))
+        for f in tmp.iterdir():  # on disk before the signature vouches for them
+            with open(f, "rb+") as handle:
+                os.fsync(handle.fileno())
+        # the verified files' hashes: a graph changed later, even one that still parses, is never used
+        stored = {**signature, FILES_KEY: _graph_files(tmp)}
+        atomic_write_text(tmp / SIGNATURE_FILE, json.dumps(stored, indent=1, sort_keys=True), what="the ONNX signature")
         try:
             os.replace(tmp, folder)
         except OSError:  # another process finished the same export first: use its copy if valid
-            if _read_signature(folder) != signature:
+            found = _read_signature(folder)
+            if _signature_core(found) != signature or _files_problem(folder, found):
                 raise
         _prune_stale(folder, signature)
         return OnnxGraph(part, folder / MODEL_FILE, signature, _open_session(folder / MODEL_FILE), True)

@@ -7,12 +7,15 @@ hurts propagation. The windowed volume is uint8, which is what the models were t
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import PromptError, VolumeError
+
+log = logging.getLogger(__name__)
 
 # Window level / width presets (Hounsfield units).
 CT_PRESETS: dict[str, tuple[float, float]] = {
@@ -28,6 +31,13 @@ DEFAULT_CT_PRESET = "abdomen"
 MR_PERCENTILES = (0.5, 99.5)
 # Sampling cap for percentile estimates: exact enough (<0.1 % rank error) and fast on 400-slice volumes.
 _PERCENTILE_SAMPLE = 2_000_000
+# Outliers: voxels further outside the bulk of the intensities (all but the lowest and highest 0.01 %,
+# at least one voxel each) than this many times the bulk's span. A sentinel or corrupt value (1e300,
+# INT32_MAX) must not decide whether an image is CT, nor where a percentile window starts.
+_BULK_TAIL = 1e-4
+_OUTLIER_SPANS = 10.0
+# Windows whose arithmetic float32 cannot hold (values beyond its range, or a width near 0 or inf) run in float64.
+_FLOAT32_SAFE = 1e37
 
 
 @dataclass(frozen=True)
@@ -44,6 +54,9 @@ class IntensityWindow:
         if self.high <= self.low:
             raise VolumeError(f"Intensity window [{self.low}, {self.high}] is empty (high <= low)",
                               "give a window whose upper bound is above its lower bound (width > 0)")
+        if not math.isfinite(self.high - self.low) or not 0.0 < 255.0 / (self.high - self.low) < math.inf:
+            raise VolumeError(f"Intensity window [{self.low:g}, {self.high:g}] is too wide or too narrow to compute",
+                              "rescale the image's intensities, or give a window of a sensible width")
 
     @classmethod
     def from_level_width(cls, level: float, width: float, source: str = "explicit") -> "IntensityWindow":
@@ -61,30 +74,85 @@ class IntensityWindow:
         return f"{self.low:.6g}:{self.high:.6g}"
 
     def apply(self, array: np.ndarray) -> np.ndarray:
-        """Window ``array`` to uint8 (rounded), slice by slice to bound temporary memory."""
+        """Window ``array`` to uint8 (rounded), slice by slice to bound temporary memory.
+
+        float32 arithmetic (fast) where it is exact enough; 8-byte inputs are first clipped to the
+        window in float64, so values beyond float32's range cannot overflow, and a window whose
+        bounds or scale float32 cannot hold is computed in float64 throughout.
+        """
         out = np.empty(array.shape, dtype=np.uint8)
         scale = 255.0 / (self.high - self.low)
+        wide = not (max(abs(self.low), abs(self.high)) < _FLOAT32_SAFE and 1.0 / _FLOAT32_SAFE < scale < _FLOAT32_SAFE)
         flat_in = array.reshape(array.shape[0], -1) if array.ndim > 1 else array.reshape(1, -1)
         flat_out = out.reshape(flat_in.shape)
-        for row in range(flat_in.shape[0]):
-            values = (flat_in[row].astype(np.float32) - np.float32(self.low)) * np.float32(scale)
-            np.clip(values, 0.0, 255.0, out=values)
-            flat_out[row] = np.rint(values).astype(np.uint8)
+        with np.errstate(over="ignore"):  # float64 beyond its range saturates to +-inf, which the clip maps to 0/255
+            for row in range(flat_in.shape[0]):
+                values = flat_in[row]
+                if wide:
+                    values = (values.astype(np.float64) - self.low) * scale
+                else:
+                    if values.dtype.itemsize > 4:
+                        values = np.clip(values.astype(np.float64), self.low, self.high)
+                    values = (values.astype(np.float32) - np.float32(self.low)) * np.float32(scale)
+                np.clip(values, 0.0, 255.0, out=values)
+                flat_out[row] = np.rint(values).astype(np.uint8)
         return out
 
 
-def looks_like_ct(volume: np.ndarray) -> bool:
+@dataclass(frozen=True)
+class IntensityRange:
+    """The range of a volume's intensities without far outliers (see ``intensity_range``)."""
+
+    low: float  # the lowest value that is not an outlier
+    high: float  # the highest value that is not an outlier
+    outliers: int  # voxels left out (of the whole volume)
+    lowest: float  # the volume's minimum and maximum, outliers included
+    highest: float
+
+
+def intensity_range(volume: np.ndarray) -> IntensityRange:
+    """The volume's intensity range, leaving out far outliers (a single 1e300 or INT32_MAX voxel).
+
+    The bulk is every value but the lowest and highest 0.01 % (at least one voxel each); a value
+    more than 10 bulk spans beyond it is an outlier.
+
+    Args:
+        volume: the voxels (finite).
+
+    Returns:
+        The range without outliers, how many voxels were left out, and the full range.
+    """
+    lowest, highest = float(np.min(volume)), float(np.max(volume))
+    flat = _sample(volume).astype(np.float64)
+    tail = min(flat.size // 2, max(1, int(flat.size * _BULK_TAIL)))
+    if flat.size < 3 or lowest == highest:
+        return IntensityRange(lowest, highest, 0, lowest, highest)
+    bulk = np.partition(flat, (tail, flat.size - 1 - tail))
+    bulk_lo, bulk_hi = float(bulk[tail]), float(bulk[flat.size - 1 - tail])
+    with np.errstate(over="ignore"):
+        span = max(bulk_hi - bulk_lo, abs(bulk_hi) * 1e-6, abs(bulk_lo) * 1e-6, 1.0)
+        lo_limit, hi_limit = bulk_lo - _OUTLIER_SPANS * span, bulk_hi + _OUTLIER_SPANS * span
+    if lowest >= lo_limit and highest <= hi_limit:
+        return IntensityRange(lowest, highest, 0, lowest, highest)
+    arr = np.asarray(volume)
+    inside = (arr >= lo_limit) & (arr <= hi_limit)
+    kept = arr[inside]
+    return IntensityRange(float(kept.min()), float(kept.max()), int(arr.size - np.count_nonzero(inside)),
+                          lowest, highest)
+
+
+def looks_like_ct(volume: np.ndarray, value_range: IntensityRange | None = None) -> bool:
     """Heuristic: CT in HU has air near -1000 and rarely exceeds +4000 except metal.
 
     Args:
         volume: the voxels.
+        value_range: ``intensity_range(volume)`` if already computed.
 
     Returns:
-        True when the value range looks like Hounsfield units.
+        True when the value range, far outliers left out, looks like Hounsfield units.
     """
-    lo = float(np.min(volume))
-    hi = float(np.max(volume))
-    return lo <= -500.0 and hi <= 35000.0
+    r = intensity_range(volume) if value_range is None else value_range
+    return r.low <= -500.0 and r.high <= 35000.0
 
 
 def _sample(volume: np.ndarray) -> np.ndarray:
@@ -95,29 +163,36 @@ def _sample(volume: np.ndarray) -> np.ndarray:
     return flat
 
 
-def robust_window(volume: np.ndarray, percentiles: tuple[float, float] = MR_PERCENTILES) -> IntensityWindow:
-    """Percentile window over non-background voxels (background = the volume's minimum).
+def robust_window(volume: np.ndarray, percentiles: tuple[float, float] = MR_PERCENTILES,
+                  value_range: IntensityRange | None = None) -> IntensityWindow:
+    """Percentile window over non-background voxels (background = the volume's minimum, far
+    outliers left out, see ``intensity_range``).
 
     Args:
         volume: the voxels.
         percentiles: (low, high) percentiles of the foreground that become the window's bounds.
+        value_range: ``intensity_range(volume)`` if already computed.
 
     Returns:
-        The window (the full value range when the percentiles coincide).
+        The window (the range without outliers when the percentiles coincide).
 
     Raises:
-        VolumeError: the volume has one value everywhere.
+        VolumeError: the volume has one value everywhere, or a range no window can compute.
     """
+    r = intensity_range(volume) if value_range is None else value_range
     flat = _sample(volume).astype(np.float64)
-    foreground = flat[flat > flat.min()]
+    if r.outliers:
+        flat = flat[(flat >= r.low) & (flat <= r.high)]
+    foreground = flat[flat > r.low]
     values = foreground if foreground.size >= 100 else flat
-    low, high = np.percentile(values, percentiles)
-    if high <= low:
-        low, high = float(flat.min()), float(flat.max())
+    with np.errstate(over="ignore", invalid="ignore"):
+        low, high = (float(v) for v in np.percentile(values, percentiles))
+    if not (math.isfinite(low) and math.isfinite(high)) or high <= low:
+        low, high = r.low, r.high
     if high <= low:
         raise VolumeError("The volume has a single intensity value everywhere; there is nothing to segment",
                           "check that the right image was loaded")
-    return IntensityWindow(float(low), float(high), source=f"percentiles {percentiles[0]}-{percentiles[1]}")
+    return IntensityWindow(low, high, source=f"percentiles {percentiles[0]}-{percentiles[1]}")
 
 
 def auto_window(volume: np.ndarray, modality: str = "auto", preset: str | None = None) -> IntensityWindow:
@@ -142,10 +217,40 @@ def auto_window(volume: np.ndarray, modality: str = "auto", preset: str | None =
     modality = modality.lower()
     if modality not in ("auto", "ct", "mr", "other"):
         raise VolumeError(f"Unknown modality {modality!r}", "use auto, ct, mr or other")
-    if modality == "ct" or (modality == "auto" and looks_like_ct(volume)):
+    if modality == "ct":
         level, width = CT_PRESETS[DEFAULT_CT_PRESET]
         return IntensityWindow.from_level_width(level, width, source=f"CT preset {DEFAULT_CT_PRESET}")
-    return robust_window(volume)
+    r = intensity_range(volume)
+    if modality == "auto" and looks_like_ct(volume, r):
+        level, width = CT_PRESETS[DEFAULT_CT_PRESET]
+        win = IntensityWindow.from_level_width(level, width, source=f"CT preset {DEFAULT_CT_PRESET}")
+    else:
+        win = robust_window(volume, value_range=r)
+    if r.outliers:
+        log.warning("%d voxel(s) lie far outside the image's other intensities (%s); they were left out when "
+                    "choosing the window (%s, [%g, %g])", r.outliers,
+                    ", ".join(f"{v:g}" for v in sorted({r.lowest, r.highest} - {r.low, r.high})), win.source,
+                    win.low, win.high)
+    return win
+
+
+def check_window_shows(volume: np.ndarray, window: IntensityWindow) -> None:
+    """Refuse a window through which every voxel has the same grey value, before any model work
+    (windowing is monotone, so the volume's minimum and maximum decide).
+
+    Args:
+        volume: the voxels.
+        window: the window to apply.
+
+    Raises:
+        VolumeError: nothing would be visible to segment.
+    """
+    arr = np.asarray(volume)
+    ends = window.apply(np.array([np.min(arr), np.max(arr)], dtype=arr.dtype))
+    if int(ends[0]) == int(ends[1]):
+        raise VolumeError(f"After windowing to [{window.low:g}, {window.high:g}] ({window.source}) every voxel has the "
+                          "same value; nothing is visible to segment",
+                          "choose a window that covers the image's intensities (e.g. --window auto or --modality mr)")
 
 
 @dataclass(frozen=True)

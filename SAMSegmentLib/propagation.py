@@ -16,8 +16,10 @@ caller sets the pace and stops the run by no longer iterating. ``propagate`` col
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
+import math
 from collections.abc import Callable, Generator, Mapping
 from concurrent.futures import Future, wait
 from contextlib import closing
@@ -34,7 +36,7 @@ from .preprocessing import clip_box, mask_bbox
 from .prompts import Prompts
 from .session_protocol import SessionProtocol
 from .volume import SliceRef, slice_shape
-from .worker import PRIORITY_PROPAGATION, CancelToken, ProgressCallback
+from .worker import PRIORITY_PROPAGATION, CancelToken, ProgressCallback, WorkerClosedError
 
 if TYPE_CHECKING:
     from .session import Prediction
@@ -181,7 +183,44 @@ class StopRules:
     # score; its intensities give it away. 0 disables.
     min_intensity_agreement: float = 0.5
     max_slices: int | None = None  # per direction, from its anchor
-    index_range: tuple[int, int] | None = None  # inclusive bounds along the axis
+    index_range: tuple[int, int] | None = None  # inclusive bounds along the axis; every anchor lies inside
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Refuse rules that cannot mean anything (run again by ``propagate``, as fields may be set later).
+
+        Raises:
+            SAMSegmentError: a NaN or infinite threshold (a NaN comparison is always false, so it
+                would switch its rule off silently), a fraction outside 0..1, a negative area or
+                slice count, or a range whose first slice is after its last.
+        """
+        def number(name: str, value: Any, low: float | None = None, high: float | None = None, unit: str = "") -> None:
+            bad = isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating))
+            if bad or not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
+                span = f" between {low:g} and {high:g}" if high is not None else (f" >= {low:g}" if low is not None else "")
+                raise SAMSegmentError(f"Stop rule {name} = {value!r} must be a finite number{span}",
+                                      f"give {name} a number{span}{unit}")
+
+        number("min_area_px", self.min_area_px, 0, unit=" (pixels; 0 disables the rule)")
+        number("min_area_fraction", self.min_area_fraction, 0, 1, " (0 disables the rule)")
+        number("min_iou", self.min_iou, 0, 1, " (0 disables the rule)")
+        number("min_score", self.min_score)
+        number("min_intensity_agreement", self.min_intensity_agreement, 0, 1, " (0 disables the rule)")
+        if self.max_slices is not None:
+            if isinstance(self.max_slices, bool) or not isinstance(self.max_slices, (int, np.integer)) \
+                    or self.max_slices < 0:
+                raise SAMSegmentError(f"Stop rule max_slices = {self.max_slices!r} is not a slice count >= 0",
+                                      "give how many slices each direction may write at most, or None for no limit")
+        if self.index_range is not None:
+            bounds = tuple(self.index_range)
+            if len(bounds) != 2 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in bounds):
+                raise SAMSegmentError(f"Index range {self.index_range!r} is not two slice indices (first, last)",
+                                      "give the first and the last slice to propagate into, e.g. (10, 40)")
+            if bounds[0] > bounds[1]:
+                raise SAMSegmentError(f"Index range {bounds[0]}..{bounds[1]} is empty: the first slice is after the last",
+                                      f"give the lower index first ({bounds[1]} {bounds[0]})")
 
 
 @dataclass
@@ -477,7 +516,9 @@ class _Propagation:
         self.lookahead = lookahead
         if direction not in DIRECTIONS:
             raise SAMSegmentError(f"Unknown propagation direction {direction!r}", "use both, up or down")
+        self.rules.check()
         self.anchors = _checked_anchors(session.shape, axis, anchors)
+        check_anchors_in_range(self.anchors, self.rules.index_range)
         self.fronts = self._fronts(DIRECTIONS[direction], anchor_logits or {})
         self.claimed = set(self.anchors)
         self.total = sum(f.planned for f in self.fronts)  # most slices the fronts may write
@@ -532,7 +573,13 @@ class _Propagation:
                     if cancel is not None and cancel.cancelled:
                         self._cancel()
                         return self.result
-                    decided = self._step(front)
+                    try:
+                        decided = self._step(front)
+                    except (WorkerClosedError, concurrent.futures.CancelledError):
+                        # the session was closed under the run (from another thread): what was decided stands
+                        log.info("propagation stopped: the session was closed")
+                        self._cancel()
+                        return self.result
                     if decided is not None:
                         yield decided
             finished = True
@@ -604,6 +651,29 @@ class _Propagation:
             if front.stopped is None:
                 self._stop(front, StopReason.CANCELLED)
         self.result.cancelled = True
+
+
+def check_anchors_in_range(anchors: Mapping[int, Any], index_range: tuple[int, int] | None) -> None:
+    """Refuse anchors outside ``index_range``: only slices in the range may be written, and an
+    accepted slice is always part of the result.
+
+    Args:
+        anchors: slice index -> accepted mask (only the indices are read).
+        index_range: (first, last) inclusive, or None (no range: nothing to check).
+
+    Raises:
+        PromptError: an anchor lies outside the range.
+    """
+    if index_range is None:
+        return
+    first, last = index_range
+    outside = sorted(i for i in anchors if not first <= i <= last)
+    if outside:
+        shown = ", ".join(map(str, outside[:8])) + (", ..." if len(outside) > 8 else "")
+        lo, hi = min(first, *outside), max(last, *outside)
+        raise PromptError(f"Accepted slice(s) {shown} lie outside the range {first}..{last}; only slices in the "
+                          "range may be written", f"widen the range to include them (e.g. {lo} {hi}), or prompt a "
+                          "slice inside the range")
 
 
 def _checked_anchors(shape: tuple[int, int, int], axis: int, anchors: Mapping[int, np.ndarray]) -> dict[int, np.ndarray]:

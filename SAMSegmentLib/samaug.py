@@ -33,7 +33,7 @@ import numpy as np
 
 from .automatic import EverythingParams, Region, everything_slice
 from .errors import ImageIOError, SAMSegmentError
-from .files import IMAGE_EXTENSIONS, atomic_write_text, image_suffix
+from .files import IMAGE_EXTENSIONS, atomic_write_text, image_suffix, make_folder, write_error
 from .session_protocol import SessionProtocol
 from .volume import SliceRef, set_slice
 from .worker import CancelToken, ProgressCallback
@@ -202,15 +202,21 @@ def write_samaug(out_dir: str | Path, case: str, volume: np.ndarray, seg_prior: 
         extension: the image file extension.
 
     Returns:
-        The three channel files written.
+        The three channel files written; each is read back and compared before it replaces anything
+        (``io.write_array``), and the marker is written only after all three.
+
+    Raises:
+        WriteError: a file cannot be written (full disk, read-only, no permission); no marker is left.
     """
     from . import io as sio
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(out_dir, "the SAMAug output folder")
     marker = marker_path(out, case)
     if marker.exists():
-        marker.unlink()  # the files are about to change: not finished until the new marker
+        try:
+            marker.unlink()  # the files are about to change: not finished until the new marker
+        except OSError as exc:
+            raise write_error(marker, exc, "the SAMAug marker") from exc
     sources = list(source_paths)
     paths = output_paths(out, case, extension)
     sio.write_array(paths[0], np.asarray(volume), geometry, overwrite=True, source_paths=sources)

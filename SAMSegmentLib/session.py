@@ -207,8 +207,11 @@ class SegmentationSession:
 
         Queued encodes and decodes that have not started are cancelled; the worker and the decode
         lane each end after the call they are in (``join`` waits for that). Later calls that need
-        a thread raise ``RuntimeError``. Closing twice is harmless; at interpreter exit the
-        running call is waited for, so a script may close (or forget to close) and just exit.
+        a thread, and calls that were waiting in the queue, raise ``worker.WorkerClosedError`` (a
+        ``CancelledError``, hence a ``SAMSegmentError``, and a ``RuntimeError``); a propagation
+        running on another thread returns what it decided so far, its fronts stopped as
+        ``CANCELLED``. Closing twice is harmless; at interpreter exit the running call is waited
+        for, so a script may close (or forget to close) and just exit.
         """
         with self._lock:
             self._closed = True
@@ -393,9 +396,11 @@ class SegmentationSession:
         if emb is None:
             if lookahead and self._closed:
                 return None
-            emb = self.backend.encode(state.slice_image(ref))
+            fresh = self.backend.encode(state.slice_image(ref))
             self.encode_count += 1
-            self.cache.put(key, emb)
+            self.cache.put(key, fresh)
+            # the cache's precision, as a hit would return it: masks do not depend on who encoded first
+            emb = self.cache.as_stored(fresh).to(fresh.device).float()
         return emb
 
     def _embedding(self, ref: SliceRef, state: VolumeState, priority: int):
@@ -413,7 +418,8 @@ class SegmentationSession:
                 also reads the slice image or geometry takes ``session.state`` once and passes it.
 
         Returns:
-            The float32 embedding tensor, as the backend's ``encode`` returns it.
+            The embedding as a float32 tensor, rounded to the cache's precision (``EmbeddingCache.as_stored``)
+            whether it was just encoded or came from the cache.
         """
         return self._embedding(ref, self.state if state is None else state, priority)
 

@@ -17,6 +17,8 @@ Seeded (``seed``) so a result is reproducible.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .errors import SAMSegmentError
@@ -29,6 +31,31 @@ from .worker import PRIORITY_INTERACTIVE
 MEASURES = ("entropy", "variance")
 # Samples mapped to full resolution at a time (memory: this many slice-sized float maps).
 SLICE_MAPS_PER_STEP = 16
+
+
+def check_sampling(n: int, jitter: float, seed: int, measure: str = "entropy") -> None:
+    """Refuse sampling settings that cannot give a meaningful map, before any model work.
+
+    Args:
+        n, jitter, seed: as for ``jitter_prompts``.
+        measure: as for ``uncertainty_from_probabilities``.
+
+    Raises:
+        SAMSegmentError: ``n`` < 1, ``jitter`` negative, NaN or infinite (NaN would give NaN
+            maps), a negative or non-integer ``seed``, or an unknown ``measure``.
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise SAMSegmentError(f"Need at least one jittered sample, got n={n}", "use e.g. n=16")
+    if isinstance(jitter, bool) or not isinstance(jitter, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(jitter):
+        raise SAMSegmentError(f"Jitter {jitter!r} is not a finite number",
+                              "give the jitter as a fraction of the box size, e.g. 0.1")
+    if jitter < 0:
+        raise SAMSegmentError(f"Jitter must be >= 0, got {jitter}", "use a fraction of the box size, e.g. 0.1")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise SAMSegmentError(f"Random seed {seed!r} is not an integer >= 0", "give e.g. seed 0")
+    if measure not in MEASURES:
+        raise SAMSegmentError(f"Unknown uncertainty measure {measure!r}", f"use one of {', '.join(MEASURES)}")
 
 
 def jitter_prompts(prompts: Prompts, n: int, jitter: float, seed: int, height: int, width: int,
@@ -52,12 +79,9 @@ def jitter_prompts(prompts: Prompts, n: int, jitter: float, seed: int, height: i
         ``n`` prompts with the same labels; boxes stay at least 2 px wide and high.
 
     Raises:
-        SAMSegmentError: ``n`` < 1 or ``jitter`` < 0.
+        SAMSegmentError: as ``check_sampling``.
     """
-    if n < 1:
-        raise SAMSegmentError(f"Need at least one jittered sample, got n={n}", "use e.g. n=16")
-    if jitter < 0:
-        raise SAMSegmentError(f"Jitter must be >= 0, got {jitter}", "use a fraction of the box size, e.g. 0.1")
+    check_sampling(n, jitter, seed)
     rng = np.random.default_rng(seed)
     out: list[Prompts] = []
     box = None if prompts.box is None else np.asarray(prompts.box, dtype=np.float64)
@@ -135,8 +159,9 @@ def prompt_uncertainty(session: SessionProtocol, ref: SliceRef, prompts: Prompts
         PromptError: as for ``SegmentationSession.predict``: no prompt, only exclude points, a
             prompt outside the slice, or points only for a box-only model.
         VolumeError: the slice is outside the volume, or constant after windowing.
-        SAMSegmentError: invalid ``n``, ``jitter`` or ``measure``.
+        SAMSegmentError: invalid ``n``, ``jitter``, ``seed`` or ``measure`` (``check_sampling``).
     """
+    check_sampling(n, jitter, seed, measure)
     check_slice_ref(session.shape, ref)
     image = session.slice_image(ref)
     h, w = image.shape

@@ -171,3 +171,83 @@ def volume_signature(volume: np.ndarray) -> str:
     digest.update(str(arr.shape).encode())
     digest.update(memoryview(arr).cast("B"))
     return digest.hexdigest()
+
+
+def _grid_corners(geometry) -> np.ndarray:
+    """(8, 3) LPS centres of the corner voxels of a grid (spacing, origin, direction rows, ITK size)."""
+    size = np.asarray(geometry.size, dtype=np.float64) - 1.0
+    corners = np.array([[i, j, k] for i in (0.0, size[0]) for j in (0.0, size[1]) for k in (0.0, size[2])])
+    matrix = np.asarray(geometry.direction, dtype=np.float64).reshape(3, 3) @ np.diag(geometry.spacing)
+    return np.asarray(geometry.origin, dtype=np.float64) + corners @ matrix.T
+
+
+def mask_on_grid(mask: np.ndarray, mask_geometry, geometry, what: str = "The mask",
+                 tolerance: float = 0.01) -> tuple[np.ndarray, str]:
+    """``mask`` on the voxel grid of an image: as it is when the grids agree, else resampled.
+
+    The grids agree when they have the same size and every corner voxel's centre lies within
+    ``tolerance`` of the smallest voxel side of its counterpart (that covers spacing, origin and
+    direction at once). Otherwise the mask is resampled onto the image's grid by nearest neighbour
+    (SimpleITK), which is exact for a mask stored in another orientation of the same grid (e.g.
+    saved as LPS- or RAS-canonical NIfTI by another tool), and the note says what differed.
+
+    Args:
+        mask: the mask's (K, J, I) array (any integer or bool type; nonzero is inside).
+        mask_geometry: its grid: ``spacing``, ``origin``, ``direction`` (3x3 rows) and ``size`` in
+            ITK (i, j, k) order, as ``io.ImageGeometry`` has them.
+        geometry: the image's grid, likewise.
+        what: how to name the mask in the note and errors (e.g. "--anchor-mask").
+        tolerance: the largest corner offset, as a fraction of the smallest voxel side.
+
+    Returns:
+        (mask on the image grid, (K, J, I) with the image's shape; a note for the user, "" when
+        the grids agree and the mask is returned unchanged).
+
+    Raises:
+        VolumeError: the mask and the image do not overlap at all (nothing of it lands on the image).
+    """
+    mask = np.asarray(mask)
+    same_size = tuple(mask_geometry.size) == tuple(geometry.size)
+    limit = tolerance * float(min(min(geometry.spacing), min(mask_geometry.spacing)))
+    if same_size and float(np.abs(_grid_corners(mask_geometry) - _grid_corners(geometry)).max()) <= limit:
+        return mask, ""
+    import SimpleITK as sitk
+
+    mine, theirs = _grid_corners(mask_geometry), _grid_corners(geometry)
+    same_voxels = bool(np.prod(mask_geometry.size) == np.prod(geometry.size)
+                       and np.abs(mine[:, None, :] - theirs[None, :, :]).max(axis=2).min(axis=1).max() <= limit
+                       and np.allclose(sorted(mask_geometry.spacing), sorted(geometry.spacing), rtol=1e-4, atol=1e-6))
+    differences = []
+    if same_voxels:
+        differences.append("the same voxels, stored in another axis order or direction")
+    elif not np.allclose(np.asarray(mask_geometry.direction, dtype=np.float64).reshape(3, 3),
+                       np.asarray(geometry.direction, dtype=np.float64).reshape(3, 3), atol=1e-4):
+        differences.append("axis directions")
+    if not same_voxels and not np.allclose(mask_geometry.spacing, geometry.spacing, rtol=1e-4, atol=1e-6):
+        differences.append(f"spacing {', '.join(f'{v:g}' for v in mask_geometry.spacing)} mm against "
+                           f"{', '.join(f'{v:g}' for v in geometry.spacing)} mm")
+    if not same_size and not same_voxels:
+        differences.append(f"size {tuple(mask_geometry.size)} against {tuple(geometry.size)}")
+    if not differences or (not same_voxels and not np.allclose(mask_geometry.origin, geometry.origin, atol=limit)):
+        shift = float(np.linalg.norm(np.subtract(mask_geometry.origin, geometry.origin)))
+        differences.append(f"origin {shift:.3g} mm apart")
+    source = sitk.GetImageFromArray(mask.astype(np.uint8) if mask.dtype == bool else mask)
+    reference = sitk.Image([int(v) for v in geometry.size], source.GetPixelID())
+    for image, grid in ((source, mask_geometry), (reference, geometry)):
+        image.SetSpacing([float(v) for v in grid.spacing])
+        image.SetOrigin([float(v) for v in grid.origin])
+        image.SetDirection([float(v) for v in np.asarray(grid.direction, dtype=np.float64).reshape(-1)])
+    resampled = sitk.GetArrayFromImage(sitk.Resample(source, reference, sitk.Transform(), sitk.sitkNearestNeighbor,
+                                                     0, source.GetPixelID()))
+    voxel = float(np.prod(mask_geometry.spacing))
+    before = np.count_nonzero(mask) * voxel
+    after = np.count_nonzero(resampled) * float(np.prod(geometry.spacing))
+    if before and not after:
+        raise VolumeError(f"{what} does not overlap the image: it lies on another voxel grid "
+                          f"({'; '.join(differences)}) and none of it falls inside the image",
+                          "give a mask of this image (same spacing, origin and direction), e.g. one saved from it")
+    note = (f"{what} lies on another voxel grid than the image ({'; '.join(differences)}); it was resampled onto "
+            "the image grid (nearest neighbour)")
+    if before and abs(after - before) > 0.1 * before:
+        note += f"; its volume changed from {before / 1000:.3g} to {after / 1000:.3g} ml"
+    return resampled.astype(mask.dtype, copy=False), note

@@ -8,18 +8,24 @@ interactive encode jumps ahead of queued look-ahead encodes because the queue is
 priority; the decode lane lets a prompt's decode pass an encoder call that cannot be interrupted.
 
 Closing a worker never waits: queued calls are cancelled and the thread ends after the call it is
-in. The threads are daemons, so a forgotten worker cannot hold the interpreter open, but a daemon
-thread still inside torch when the interpreter tears down aborts the process; an exit hook
-therefore closes every live worker and waits for its current call.
+in; whoever submits to, or waits on, a closed worker gets ``WorkerClosedError`` (a
+``CancelledError``, so a GUI's ``except SAMSegmentError`` sees it). The threads are daemons, so a
+forgotten worker cannot hold the interpreter open, but a daemon thread still inside torch or ONNX
+Runtime when the interpreter tears down aborts the process ("terminate called without an active
+exception"); ``shutdown_all`` (the CLI, after Ctrl-C) and an exit hook therefore close every live
+worker and wait for its current call, with Ctrl-C ignored meanwhile.
 """
 
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import itertools
 import logging
 import queue
+import signal
 import threading
+import time
 import weakref
 from concurrent.futures import Future
 from typing import Any, Callable, Protocol
@@ -36,6 +42,17 @@ _STOP = 10**9  # the priority of the stop marker: after everything (nothing is q
 # every worker whose thread may still run; an entry lives as long as its thread holds the worker
 _LIVE: "weakref.WeakSet[InferenceWorker]" = weakref.WeakSet()
 _LIVE_LOCK = threading.Lock()
+_SERIAL = itertools.count()  # creation order of the workers (``worker_mark``, ``shutdown_all(since=...)``)
+
+
+class WorkerClosedError(CancelledError, RuntimeError):
+    """Work was submitted to, or waited on from, a closed worker (its session was closed).
+
+    A ``CancelledError`` (so ``SAMSegmentError``), and a ``RuntimeError`` as before.
+    """
+
+    def __init__(self, problem: str = "The session was closed", remedy: str = "open a new session") -> None:
+        super().__init__(problem, remedy)
 
 
 class ProgressCallback(Protocol):
@@ -73,6 +90,7 @@ class InferenceWorker:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._closed = False
         with _LIVE_LOCK:
+            self.serial = next(_SERIAL)
             _LIVE.add(self)
         self._thread.start()
 
@@ -93,12 +111,12 @@ class InferenceWorker:
             the call, and closing the worker cancels it if it has not started.
 
         Raises:
-            RuntimeError: the worker is closed.
+            WorkerClosedError: the worker is closed.
         """
         future: Future = Future()
         with self._lock:
             if self._closed:
-                raise RuntimeError("worker is closed")
+                raise WorkerClosedError()
             self._queue.put((priority, next(self._counter), fn, future))
         return future
 
@@ -110,12 +128,25 @@ class InferenceWorker:
             priority: as for ``submit``.
 
         Returns:
-            What ``fn`` returns; its exception is raised here (``concurrent.futures.CancelledError``
-            if the worker was closed before ``fn`` started).
+            What ``fn`` returns; its exception is raised here.
+
+        Raises:
+            WorkerClosedError: the worker is (or was, before ``fn`` started) closed.
         """
         if threading.current_thread() is self._thread:
             return fn()
-        return self.submit(fn, priority).result()
+        future = self.submit(fn, priority)
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError:
+            if self._closed:
+                raise WorkerClosedError() from None
+            raise
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``close`` was called."""
+        return self._closed
 
     def close(self) -> None:
         """Stop taking work and return at once, without waiting for the call in progress.
@@ -170,14 +201,53 @@ class InferenceWorker:
             fn = future = result = None
 
 
-def _stop_all_at_exit() -> None:
-    """Interpreter exit: close every live worker and wait for the call each one is in."""
+def worker_mark() -> int:
+    """A mark in the workers' creation order: ``shutdown_all(since=mark)`` stops only the workers
+    created after it (e.g. by one command, not those of a test process around it)."""
     with _LIVE_LOCK:
-        workers = list(_LIVE)
+        return next(_SERIAL)
+
+
+def shutdown_all(timeout: float | None = None, since: int = 0) -> bool:
+    """Close every live worker and wait for the call each one is in, Ctrl-C ignored meanwhile.
+
+    For a process about to exit: a thread still inside torch or ONNX Runtime when the interpreter
+    tears down aborts it, and a second Ctrl-C arriving during a plain ``join`` would leave exactly
+    that. On the main thread SIGINT is ignored until the threads have ended (or ``timeout``), then
+    its handler is restored.
+
+    Args:
+        timeout: seconds to wait at most, for all threads together (None: as long as it takes).
+        since: only the workers created after this ``worker_mark()`` (0: all).
+
+    Returns:
+        True when every worker thread has ended.
+    """
+    with _LIVE_LOCK:
+        workers = [w for w in _LIVE if w.serial >= since]
     for worker in workers:
         worker.close()
-    for worker in workers:
-        worker.join()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        try:
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        except (ValueError, OSError):  # no signals here (embedded interpreter)
+            previous = None
+    try:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        done = True
+        for worker in workers:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done = worker.join(left) and done
+        return done
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _stop_all_at_exit() -> None:
+    """Interpreter exit: close every live worker and wait for the call each one is in."""
+    shutdown_all()
 
 
 atexit.register(_stop_all_at_exit)

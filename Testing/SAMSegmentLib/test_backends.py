@@ -19,8 +19,12 @@ from SAMSegmentLib.volume import SliceRef
 
 
 # --------------------------------------------------------------------------- upstream recipe
-def upstream_litemedsam_logits(net, img_2d_uint8: np.ndarray, box: np.ndarray) -> np.ndarray:
+def upstream_litemedsam_logits(net, img_2d_uint8: np.ndarray, box: np.ndarray,
+                               embedding_dtype: torch.dtype = torch.float32) -> np.ndarray:
     """The LiteMedSAM CVPR24 inference recipe, written out step by step as published.
+
+    ``embedding_dtype``: the image embedding is rounded to it before decoding (float16: the
+    precision the session's embedding cache keeps, for every decode).
 
     3-channel uint8 image -> cv2 INTER_AREA resize of the longest side to 256 -> min-max to [0, 1]
     -> zero pad to 256x256 -> encoder; box * 256/max(H, W) truncated with int(); single-mask
@@ -38,7 +42,7 @@ def upstream_litemedsam_logits(net, img_2d_uint8: np.ndarray, box: np.ndarray) -
     tensor = torch.tensor(padded).float().permute(2, 0, 1).unsqueeze(0)
     box256 = np.array([int(v * (256 / max(H, W))) for v in box], dtype=np.float64)[None, ...]
     with torch.no_grad():
-        embedding = net.image_encoder(tensor)
+        embedding = net.image_encoder(tensor).to(embedding_dtype).float()
         box_torch = torch.as_tensor(box256[None, ...], dtype=torch.float)
         sparse, dense = net.prompt_encoder(points=None, boxes=box_torch, masks=None)
         low_res, _ = net.mask_decoder(image_embeddings=embedding, image_pe=net.prompt_encoder.get_dense_pe(),
@@ -65,10 +69,15 @@ def test_box_prompt_matches_upstream_recipe(backend, session, sample_ct, axis):
                     min(ys.max() + 2.0, plane_h - 1)])
     ours = session.decode(ref, Prompts(box=box))  # the box as given (predict adds the model's margin)
     image = np.take(window.apply(vol), index, axis)
-    theirs = upstream_litemedsam_logits(backend.net, image, box)
+    theirs = upstream_litemedsam_logits(backend.net, image, box, torch.float16)
     assert ours.logits.shape == theirs.shape == image.shape
-    np.testing.assert_allclose(ours.logits, theirs, atol=1e-4, rtol=0)
+    # PyTorch decodes exactly as the recipe; ONNX Runtime's fused kernels differ in the 4th digit
+    np.testing.assert_allclose(ours.logits, theirs, atol=1e-4 if backend.runtime == "eager" else 2e-3, rtol=0)
     assert np.array_equal(ours.mask, theirs > 0)
+    # the fp16 embedding (half the cache memory) against the recipe's own fp32 one: same mask but
+    # for a few boundary pixels
+    fp32 = upstream_litemedsam_logits(backend.net, image, box) > 0
+    assert (ours.mask != fp32).sum() <= max(3, 0.005 * fp32.sum())
     # and the mask is a good one: the reference spleen on that slice
     truth = np.take(spleen, index, axis)
     assert 2 * (ours.mask & truth).sum() / (ours.mask.sum() + truth.sum()) > 0.85

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
 import pytest
 
-from SAMSegmentLib.files import atomic_path, atomic_write_text, image_suffix
+from SAMSegmentLib.files import WriteError, atomic_path, atomic_write_text, image_suffix
 
 
 def test_failure_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     target = tmp_path / "marker.json"
     target.write_text("old")
-    with pytest.raises(OSError):
+    with pytest.raises(WriteError, match="disk full"):  # an OS error becomes the project's error + remedy
         with atomic_path(target) as tmp:
             tmp.write_text("half")
-            raise OSError("disk full")
+            raise OSError(errno.ENOSPC, "disk full")
     assert target.read_text() == "old" and os.listdir(tmp_path) == ["marker.json"]
     atomic_write_text(target, "new")
     assert target.read_text() == "new" and os.listdir(tmp_path) == ["marker.json"]

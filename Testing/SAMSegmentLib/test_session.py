@@ -264,3 +264,20 @@ def test_exit_while_prefetching_is_clean(tmp_path, ending):
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "done"
+
+
+def test_a_mask_does_not_depend_on_who_encoded_the_slice(eager_backend, phantom):
+    """A miss (just encoded) and a hit (from the fp16 cache) decode the same embedding: a client of a
+    shared server cache, a prefetch race or a restarted server get identical masks."""
+    from SAMSegmentLib.session import SegmentationSession
+
+    vol, _ = phantom
+    ref = SliceRef(0, vol.shape[0] // 2)
+    box = Prompts(box=[20, 20, 44, 44])
+    with SegmentationSession(model=eager_backend) as s:
+        s.set_volume(vol)
+        miss = s.decode(ref, box)
+        assert s.encode_count == 1
+        hit = s.decode(ref, box)
+        assert s.encode_count == 1
+    np.testing.assert_array_equal(miss.logits, hit.logits)
