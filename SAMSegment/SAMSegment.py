@@ -261,8 +261,8 @@ class SAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         link = server_link.link_from_settings(slicer.app.userSettings(), env_dir, log_file)
         if isinstance(link, server_link.LocalServerLink):
             p = self._parameterNode
-            checkpoints = {p.model: p.checkpoint} if p is not None and p.model and p.checkpoint else {}
-            link.configure(server_link.server_args(p.device if p is not None else "auto", checkpoints))
+            if p is not None:
+                link.configure(server_link.server_args(p.device, p.model or None, p.checkpoint or None))
         return link
 
     def _ensureServer(self) -> bool:

@@ -789,15 +789,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server.state import Limits
 
     limits = Limits(max_volume_voxels=args.max_volume_voxels, max_request_bytes=int(args.max_request_mib * 2**20))
+    checkpoints = _serve_checkpoints(args)
     if args.ray:
-        return _serve_on_ray(args, limits)
+        return _serve_on_ray(args, limits, checkpoints)
     serve(args.host, args.port, token_file=args.token_file, no_auth=args.no_auth, ssl_certfile=args.ssl_certfile,
           ssl_keyfile=args.ssl_keyfile, device=None if args.device == "auto" else args.device, runtime=args.runtime,
-          limits=limits, cache_bytes=int(args.cache_mib * 2**20), registry=args.registry, port_file=args.port_file)
+          limits=limits, cache_bytes=int(args.cache_mib * 2**20), registry=args.registry, port_file=args.port_file,
+          checkpoints=checkpoints)
     return 0
 
 
-def _serve_on_ray(args: argparse.Namespace, limits: Any) -> int:
+def _serve_checkpoints(args: argparse.Namespace) -> dict[str, str] | None:
+    """``--model M --checkpoint FILE`` for ``serve``: the server loads ``M`` from ``FILE`` (checked now,
+    not at the first client's request)."""
+    if not args.checkpoint:
+        return None
+    from .model_registry import get_spec, resolve_weights
+
+    spec = get_spec(args.model, args.registry)
+    return {spec.id: str(resolve_weights(spec, args.checkpoint, verify=False).resolve())}
+
+
+def _serve_on_ray(args: argparse.Namespace, limits: Any, checkpoints: dict[str, str] | None = None) -> int:
     """``samsegment serve --ray``: the same server as N Ray Serve replicas (see server/ray_serve.py)."""
     try:
         from .server import ray_serve
@@ -811,7 +824,7 @@ def _serve_on_ray(args: argparse.Namespace, limits: Any) -> int:
                            limits=limits, device=None if args.device == "auto" else args.device, runtime=args.runtime,
                            cache_bytes=int(args.cache_mib * 2**20), registry=args.registry, model=args.model,
                            ray_address=args.ray_address, replica_cpus=args.replica_cpus,
-                           replica_gpus=args.replica_gpus)
+                           replica_gpus=args.replica_gpus, checkpoints=checkpoints)
     return 0
 
 

@@ -153,12 +153,12 @@ def local_paths(settings_file: str | Path) -> tuple[Path, Path]:
     return base / "server-env", base / "server.log"
 
 
-def server_args(device: str = "auto", checkpoints: dict[str, str] | None = None) -> list[str]:
-    """``samsegment serve`` options for the module's Device and Checkpoint settings."""
+def server_args(device: str = "auto", model: str | None = None, checkpoint: str | None = None) -> list[str]:
+    """``samsegment serve`` options for the module's Device, Model and Checkpoint settings (the
+    server loads ``model`` from the user's ``checkpoint`` file)."""
     args = [] if device in ("", "auto") else ["--device", device]
-    for model_id, path in sorted((checkpoints or {}).items()):
-        if path:
-            args += ["--checkpoint", f"{model_id}={path}"]
+    if checkpoint:
+        args += (["--model", model] if model else []) + ["--checkpoint", checkpoint]
     return args
 
 

@@ -152,7 +152,7 @@ class SAMSegmentReplica:
         self.token = config.get("token")
         self.state = ServerState(Limits(**config.get("limits", {})), device=config.get("device"),
                                  runtime=config.get("runtime"), cache_bytes=int(config.get("cache_bytes", 2 << 30)),
-                                 registry=config.get("registry"))
+                                 registry=config.get("registry"), checkpoints=config.get("checkpoints"))
         if config.get("preload", True):
             self.state.backend(config.get("model"))  # the replica is ready once its model is loaded
 
@@ -196,11 +196,12 @@ class SAMSegmentReplica:
 
 def replica_config(token: str | None, limits: Any = None, device: str | None = None, runtime: str | None = None,
                    cache_bytes: int = 2 << 30, registry: str | None = None, model: str | None = None,
-                   threads: int | None = None, preload: bool = True) -> dict[str, Any]:
+                   threads: int | None = None, preload: bool = True,
+                   checkpoints: dict[str, str] | None = None) -> dict[str, Any]:
     """What each replica builds its ``ServerState`` from (plain data: it travels to the replicas)."""
     return {"token": token, "limits": dict(limits.__dict__) if limits is not None else {}, "device": device,
             "runtime": runtime, "cache_bytes": int(cache_bytes), "registry": registry, "model": model,
-            "threads": threads, "preload": preload}
+            "threads": threads, "preload": preload, "checkpoints": dict(checkpoints or {})}
 
 
 def application(config: dict[str, Any], replicas: int, actor_options: dict[str, Any],
@@ -288,7 +289,7 @@ def start(replicas: int = 2, host: str = "127.0.0.1", port: int = DEFAULT_PORT, 
           device: str | None = None, runtime: str | None = None, cache_bytes: int = 2 << 30,
           registry: str | None = None, model: str | None = None, ray_address: str | None = None,
           replica_cpus: float | None = None, replica_gpus: float | None = None, num_cpus: int | None = None,
-          max_ongoing_requests: int = 64) -> RayServeHandle:
+          max_ongoing_requests: int = 64, checkpoints: dict[str, str] | None = None) -> RayServeHandle:
     """Deploy the application and return once every replica has loaded its model.
 
     ``ray_address``: an existing cluster (``auto``, ``ray://...``); None starts a local Ray of
@@ -314,7 +315,8 @@ def start(replicas: int = 2, host: str = "127.0.0.1", port: int = DEFAULT_PORT, 
         if ssl_certfile:
             http_options.update(ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
         serve.start(http_options=http_options, proxy_location="HeadOnly")
-        config = replica_config(token, limits, device, runtime, cache_bytes, registry, model, threads)
+        config = replica_config(token, limits, device, runtime, cache_bytes, registry, model, threads,
+                                checkpoints=checkpoints)
         serve.run(application(config, replicas, options, max_ongoing_requests), name=APP_NAME, route_prefix="/",
                   blocking=False)
     except BaseException:

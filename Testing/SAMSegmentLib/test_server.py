@@ -385,3 +385,19 @@ def test_samsegment_serve_command_starts_and_stops(tmp_path):
     refused = subprocess.run([sys.executable, "-m", "SAMSegmentLib.cli", "serve", "--host", "0.0.0.0", "--no-auth"],
                              capture_output=True, text=True, timeout=60, env=dict(os.environ))
     assert refused.returncode == 2 and "anyone on the network" in refused.stderr
+
+
+def test_a_user_checkpoint_is_checked_before_serving_and_loaded_from_its_file(tmp_path, capsys):
+    """``samsegment serve --model M --checkpoint FILE`` (what the Slicer module passes its local
+    server for SAM/MedSAM): a missing file stops the command before it listens; a given file is the
+    one the server loads the model from."""
+    from SAMSegmentLib.cli import main
+    from SAMSegmentLib.errors import CheckpointError
+
+    missing = tmp_path / "sam_vit_b_01ec64.pth"
+    assert main(["serve", "--model", "sam_vit_b", "--checkpoint", str(missing), "--port", "0"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint at all" * 100)
+    with pytest.raises(CheckpointError, match="junk.pth"):
+        ServerState(checkpoints={"sam_vit_b": str(junk)}).backend("sam_vit_b")

@@ -89,3 +89,20 @@ def test_missing_environment_is_a_clear_error(tmp_path):
     with pytest.raises(SAMSegmentError, match="set up the SAMSegment server environment"):
         server.start()
     server.stop()
+
+
+def test_module_settings_become_server_options(tmp_path):
+    """The panel's Device, Model and Checkpoint reach the local server as ``samsegment serve``
+    options (test_server.py checks that the server loads the model from that file); a change
+    restarts the server with them."""
+    from SAMSegmentSlicer.server_link import LocalServerLink, local_paths, server_args
+
+    assert server_args("cuda", "sam_vit_b", "/data/sam_vit_b_01ec64.pth") == [
+        "--device", "cuda", "--model", "sam_vit_b", "--checkpoint", "/data/sam_vit_b_01ec64.pth"]
+    assert server_args("auto", "litemedsam", None) == []
+    env, log = local_paths(tmp_path / "Slicer.ini")
+    assert env == tmp_path / "SAMSegment" / "server-env" and log.parent == env.parent
+    link = LocalServerLink(env, log)
+    assert not link.installed and link.poll()[0] == "failed" and "not set up" in link.error
+    link.configure(["--device", "cpu"])
+    assert link.extra_args == ["--device", "cpu"]
