@@ -179,6 +179,9 @@ def _serve_options(g: Any) -> None:
     g.add_argument("--port-file", default=None, help="write the port here once listening (for launchers)")
     g.add_argument("--max-volume-voxels", type=int, default=600_000_000, help="largest volume accepted")
     g.add_argument("--max-request-mib", type=float, default=1024, help="largest request body accepted (MiB)")
+    g.add_argument("--encode-workers", type=int, default=1,
+                   help="encoders per client session running ahead of a propagation's decode chain (default 1; "
+                        "more on a machine with cores or GPUs to spare)")
     g.add_argument("--ray", action="store_true",
                    help="serve on Ray Serve: --replicas copies of the server behind one address, a volume's requests "
                         "routed to the replica holding it (pip install samsegment[cluster])")
@@ -735,6 +738,40 @@ def _rules(args: argparse.Namespace):
                      **{name: value for name, value in given.items() if value is not None})
 
 
+def _box_prompts(args: argparse.Namespace, volume: np.ndarray, axis: int):
+    """(boxes, bounds) of ``--box-at`` and ``--box3d``, refused before the model loads when they cannot
+    be propagated from: boxes slice -> (x0, y0, x1, y1), bounds a ``Box3D`` or None."""
+    from .box3d import Box3D
+    from .prompts import Prompts, check_prompts
+    from .volume import SliceRef, check_slice_ref, slice_shape
+
+    if (args.box3d or args.box_at) and getattr(args, "server", None):
+        raise SAMSegmentError("--box3d and --box-at do not run through --server yet",
+                              "run without --server (the engine in this process)")
+    if (args.box3d or args.box_at) and (args.coords != "voxel" or args.point or args.exclude):
+        raise PromptError("--box3d and --box-at take voxel indices and boxes only",
+                          "drop --coords lps, --point and --exclude (or prompt one slice with them instead)")
+    bounds = Box3D.from_ijk(*args.box3d) if args.box3d else None
+    if bounds is not None:
+        bounds.check(volume.shape)
+    boxes = {}
+    for k, *box in args.box_at:
+        if k != int(k):
+            raise PromptError(f"--box-at {k:g}: the slice must be a whole number", "write --box-at K X0 Y0 X1 Y1")
+        k = int(k)
+        check_slice_ref(volume.shape, SliceRef(axis, k))
+        if k in boxes:
+            raise PromptError(f"--box-at gives two boxes on slice {k}", "give one box per slice")
+        boxes[k] = check_prompts(Prompts(box=box), *slice_shape(volume.shape, axis)).box
+    if bounds is not None:
+        first, last = bounds.slice_range(axis)
+        outside = sorted(k for k in boxes if not first <= k <= last)
+        if outside:
+            raise PromptError(f"--box-at slice(s) {', '.join(map(str, outside))} lie outside the 3D box's slices "
+                              f"{first}..{last}", "draw the boxes inside the 3D box, or widen it")
+    return boxes, bounds
+
+
 def cmd_propagate(args: argparse.Namespace) -> int:
     from .propagation import check_anchors_in_range, propagate
 
@@ -743,12 +780,31 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     axis = _axis(args.axis)
     window = _intensity_window(args, volume)
     anchors = ref = prompts = None
-    if args.anchor_mask and (args.box is not None or args.point or args.exclude or args.slice is not None):
-        raise PromptError("--anchor-mask gives the accepted slices, so --slice, --box, --point and --exclude would be "
-                          "ignored", "give either prompts on one slice or --anchor-mask, not both")
+    if args.anchor_mask and (args.box is not None or args.point or args.exclude or args.slice is not None or args.box_at):
+        raise PromptError("--anchor-mask gives the accepted slices, so --slice, --box, --box-at, --point and --exclude "
+                          "would be ignored", "give either prompts or --anchor-mask, not both")
+    boxes, bounds = _box_prompts(args, volume, axis)
     if args.anchor_mask:
         anchors = _anchor_masks(args, volume, geometry, axis)
         check_anchors_in_range(anchors, rules.index_range)
+        if bounds is not None:
+            check_anchors_in_range(anchors, bounds.slice_range(axis))
+    elif boxes or bounds is not None:
+        if args.box is not None:  # --box on --slice: one more drawn box
+            ref, prompts = _checked_prompts(args, volume, geometry, window)
+            if ref.index in boxes:
+                raise PromptError(f"--box and --box-at both give a box on slice {ref.index}", "give one box per slice")
+            boxes[ref.index] = prompts.box
+        elif args.slice is not None and bounds is not None:  # the 3D box seeds the slice chosen
+            from .volume import SliceRef, check_slice_ref
+
+            check_slice_ref(volume.shape, SliceRef(axis, args.slice))
+            boxes[args.slice] = bounds.plane_box(axis)
+        seeds = dict(boxes) or {bounds.middle(axis): None}
+        check_anchors_in_range(seeds, rules.index_range)
+        if bounds is not None:
+            check_anchors_in_range(seeds, bounds.slice_range(axis))
+        anchors = {}
     else:
         ref, prompts = _checked_prompts(args, volume, geometry, window)
         axis = ref.axis
@@ -763,7 +819,8 @@ def cmd_propagate(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         run = session.propagate if _remote(session) else partial(propagate, session)
         with _interruptible("propagating") as (update, cancel):
-            result = run(axis, anchors, direction=args.direction, rules=rules, progress=update, cancel=cancel)
+            extra = {"boxes": boxes or None, "bounds": bounds} if boxes or bounds is not None else {}
+            result = run(axis, anchors, direction=args.direction, rules=rules, progress=update, cancel=cancel, **extra)
         elapsed = time.perf_counter() - t0
         for stop in result.stops:
             way = "up" if stop.direction > 0 else "down"
@@ -789,13 +846,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server.state import Limits
 
     limits = Limits(max_volume_voxels=args.max_volume_voxels, max_request_bytes=int(args.max_request_mib * 2**20))
+    if not 1 <= args.encode_workers <= 64:
+        raise SAMSegmentError(f"--encode-workers must be from 1 to 64, got {args.encode_workers}",
+                              "give 1, or the number of encoders to run side by side")
     checkpoints = _serve_checkpoints(args)
     if args.ray:
         return _serve_on_ray(args, limits, checkpoints)
     serve(args.host, args.port, token_file=args.token_file, no_auth=args.no_auth, ssl_certfile=args.ssl_certfile,
           ssl_keyfile=args.ssl_keyfile, device=None if args.device == "auto" else args.device, runtime=args.runtime,
           limits=limits, cache_bytes=int(args.cache_mib * 2**20), registry=args.registry, port_file=args.port_file,
-          checkpoints=checkpoints)
+          checkpoints=checkpoints, encode_workers=args.encode_workers)
     return 0
 
 
@@ -989,6 +1049,15 @@ def build_parser() -> argparse.ArgumentParser:
                 "--anchor-mask) and propagate slice by slice.")
     p.add_argument("--anchor-mask", default=None,
                    help="mask file whose non-empty slices along --axis are accepted anchors (instead of prompts)")
+    p.add_argument("--box3d", type=int, nargs=6, default=None, metavar=("I0", "J0", "K0", "I1", "J1", "K1"),
+                   help="a 3D box as the prompt: two opposite corners in voxel indices (ITK order, inclusive). Its "
+                        "in-plane box (across --axis) seeds its middle slice, or --slice K; no slice outside its "
+                        "range along --axis and no voxel outside it is written, and every propagated slice's box "
+                        "stays inside it. With --box (on --slice), --box-at or --anchor-mask, those seed instead")
+    p.add_argument("--box-at", type=float, nargs=5, action="append", default=[], metavar=("K", "X0", "Y0", "X1", "Y1"),
+                   help="a box drawn on slice K (along --axis, voxel coords); repeat for boxes on several slices: "
+                        "each seeds the propagation, and slices between two boxes are prompted with the box "
+                        "interpolated between them, averaged with the box from their neighbour's mask")
     command("embed", cmd_embed, "input axis overwrite model",
             "precompute a volume's slice embeddings into a cache folder",
             "Encode every slice along --axis once and save the embeddings, so later segment/propagate runs "

@@ -147,7 +147,8 @@ class SegmentationSession:
                  device: str | None = None, cache_bytes: int = DEFAULT_BUDGET_BYTES,
                  cache_dir: str | Path | None = None, refine_with_logits: bool = True,
                  fill_holes: bool = False, largest_component: bool = False, runtime: str | None = None,
-                 box_margin: float | None = None, cache: EmbeddingCache | None = None) -> None:
+                 box_margin: float | None = None, cache: EmbeddingCache | None = None,
+                 encode_workers: int = 1) -> None:
         """Build (or adopt) the backend and start the session's two threads; no volume yet.
 
         Args:
@@ -165,6 +166,10 @@ class SegmentationSession:
             runtime: "auto" (default, or ``$SAMSEGMENT_RUNTIME``), "eager" or "onnx".
             box_margin: fraction of a user box's side added around it in ``predict`` (None: the
                 model's own, see models.json; 0: decode boxes exactly as drawn).
+            encode_workers: threads that run look-ahead encodes (propagation, prefetch); a slice's
+                encode does not depend on the previous mask, so with more than one, the next slices
+                are encoded side by side while the decode chain runs (for machines with cores or
+                devices to spare; each worker uses the backend's own thread settings).
 
         Raises:
             SAMSegmentError: ``box_margin`` is not a fraction between 0 and 1 (and the backend's
@@ -175,12 +180,20 @@ class SegmentationSession:
         else:
             self.backend = SamBackend.from_model_id(model or default_model_id(), checkpoint, device, runtime=runtime)
         self.cache = cache if cache is not None else EmbeddingCache(cache_bytes, cache_dir)
+        if not (isinstance(encode_workers, int) and 1 <= encode_workers <= 64):
+            raise SAMSegmentError(f"encode_workers must be an integer from 1 to 64, got {encode_workers!r}",
+                                  "give 1 (one encoder at a time) or the number of encoders to run side by side")
         self.worker = InferenceWorker()
         # decodes of cached slices: never queued behind an encoder call (see the module docstring)
         self.decoder_lane = InferenceWorker(name="samsegment-decode")
+        # look-ahead encodes go round-robin over the worker and these
+        self.encoders = [self.worker] + [InferenceWorker(name=f"samsegment-encode-{i}")
+                                         for i in range(1, encode_workers)]
+        self._next_encoder = 0
+        self._encoding: dict[Any, Future] = {}  # slice key -> the encode in progress (no slice twice)
         # A session nobody closed must still stop its threads before the interpreter tears down:
         # a daemon thread inside torch at exit aborts the process ("terminate called ...").
-        self._finalizer = weakref.finalize(self, _close_workers, self.worker, self.decoder_lane)
+        self._finalizer = weakref.finalize(self, _close_workers, self.decoder_lane, *self.encoders)
         self.refine_with_logits = refine_with_logits
         if box_margin is not None and not (np.isfinite(box_margin) and 0.0 <= box_margin <= 1.0):
             raise SAMSegmentError(f"Box margin {box_margin!r} is not a fraction between 0 and 1",
@@ -228,7 +241,7 @@ class SegmentationSession:
             True when both threads have ended; False on timeout (or if the session is open).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        for worker in (self.worker, self.decoder_lane):
+        for worker in (self.decoder_lane, *self.encoders):
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not worker.join(left):
                 return False
@@ -392,16 +405,30 @@ class SegmentationSession:
         returns None instead of starting an encoder call nobody will use.
         """
         key = state.key(ref)
-        emb = self.cache.get(key)
-        if emb is None:
+        while True:
+            emb = self.cache.get(key)
+            if emb is not None:
+                return emb
             if lookahead and self._closed:
                 return None
+            with self._lock:
+                running = self._encoding.get(key)
+                if running is None:
+                    mine = self._encoding[key] = Future()
+            if running is None:
+                break
+            running.result()  # another encoder has this slice in hand; then read it from the cache
+        try:
             fresh = self.backend.encode(state.slice_image(ref))
-            self.encode_count += 1
+            with self._lock:
+                self.encode_count += 1
             self.cache.put(key, fresh)
             # the cache's precision, as a hit would return it: masks do not depend on who encoded first
-            emb = self.cache.as_stored(fresh).to(fresh.device).float()
-        return emb
+            return self.cache.as_stored(fresh).to(fresh.device).float()
+        finally:
+            with self._lock:
+                del self._encoding[key]
+            mine.set_result(None)
 
     def _embedding(self, ref: SliceRef, state: VolumeState, priority: int):
         check_slice_ref(state.shape, ref)
@@ -451,7 +478,13 @@ class SegmentationSession:
                 return False
             return self._embedding_now(ref, state, lookahead=True) is not None
 
-        return self.worker.submit(run, priority)
+        return self._encoder().submit(run, priority)
+
+    def _encoder(self) -> InferenceWorker:
+        """The worker for the next look-ahead encode (round-robin)."""
+        with self._lock:
+            self._next_encoder = (self._next_encoder + 1) % len(self.encoders)
+            return self.encoders[self._next_encoder]
 
     def prefetch(self, around: SliceRef, radius: int = 2, direction: int = 0) -> int:
         """Queue background encodes of the neighbours of ``around``, nearest first.
@@ -485,7 +518,7 @@ class SegmentationSession:
             ref = SliceRef(around.axis, index)
             if state.key(ref) in self.cache:
                 continue
-            self.worker.submit(lambda ref=ref: self._prefetch_one(ref, state, generation), PRIORITY_PREFETCH)
+            self._encoder().submit(lambda ref=ref: self._prefetch_one(ref, state, generation), PRIORITY_PREFETCH)
             queued += 1
         return queued
 

@@ -8,6 +8,7 @@ in-process session, so the difference is HTTP + JSON + the server's bookkeeping.
 - time to first mask after loading the volume: in-process (set_volume + first prompt) vs server
   (content hash, upload, session, first prompt);
 - propagation seconds per slice over N liver slices, both ways, masks compared for identity;
+- propagation s/slice with 1 and 2 look-ahead encode workers (``--encode-workers``), in-process;
 - load: 1, 4 and 16 concurrent clients, each a scripted session (a box on its own slice, a
   refining click, a propagation of 10 slices): p50/p95 per request type, requests per second,
   errors, masks identical to a single client's.
@@ -60,6 +61,7 @@ def main() -> None:
     parser.add_argument("--cached", type=int, default=30)
     parser.add_argument("--clients", default="1,4,16")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--encode-workers", default="1,2", help="look-ahead encoder counts to compare (in-process)")
     parser.add_argument("--ray", action="store_true", help="only: Ray Serve replicas vs one uvicorn process")
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--ray-clients", type=int, default=8)
@@ -130,6 +132,18 @@ def main() -> None:
             "slices": len(expected.masks), "in_process": round(t_prop_local / n, 3),
             "server": round(t_prop_remote / n, 3), "ratio": round(t_prop_remote / max(t_prop_local, 1e-9), 3),
             "masks_identical": identical, "note": "both from an empty embedding cache"}
+        # ---------------------------------------------------------------- encode workers
+        # a slice's encode does not depend on the previous mask: N workers encode ahead side by side
+        by_workers: dict[str, Any] = {}
+        for workers in (int(w) for w in args.encode_workers.split(",")):
+            with SegmentationSession(model=backend, encode_workers=workers) as session:
+                session.set_volume(volume)
+                got_w, t_w = timed(lambda session=session: propagate(session, 0, {k: anchor}, "up", rules=rules))
+            same = sorted(got_w.masks) == sorted(expected.masks) and all(
+                np.array_equal(got_w.masks[i], m) for i, m in expected.masks.items())
+            by_workers[str(workers)] = {"s_per_slice": round(t_w / max(1, len(got_w.masks)), 3),
+                                        "masks_identical": same}
+        report["propagation_by_encode_workers"] = by_workers
         # ---------------------------------------------------------------- concurrent clients
         report["load"] = {}
         reference: dict[int, Any] = {}

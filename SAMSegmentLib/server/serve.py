@@ -108,7 +108,8 @@ def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT, token: str | None =
           token_file: str | Path | None = None, no_auth: bool = False, ssl_certfile: str | None = None,
           ssl_keyfile: str | None = None, device: str | None = None, runtime: str | None = None,
           limits: Limits | None = None, cache_bytes: int = 2 << 30, registry: str | None = None,
-          port_file: str | Path | None = None, announce=print, checkpoints: dict[str, str] | None = None) -> None:
+          port_file: str | Path | None = None, announce=print, checkpoints: dict[str, str] | None = None,
+          encode_workers: int = 1) -> None:
     """Run the server in the foreground until Ctrl-C (``samsegment serve``).
 
     ``port`` 0 picks a free port; ``port_file`` (if given) receives ``<port>`` once listening, for a
@@ -118,7 +119,7 @@ def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT, token: str | None =
         raise SAMSegmentError("TLS needs both --ssl-certfile and --ssl-keyfile", "give both files, or neither")
     secret = resolve_token(token, token_file, no_auth, host)
     state = ServerState(limits, device=device, runtime=runtime, cache_bytes=cache_bytes, registry=registry,
-                        checkpoints=checkpoints)
+                        checkpoints=checkpoints, encode_workers=encode_workers)
     handle = ServerHandle(state, secret, host, port, ssl_certfile, ssl_keyfile, log_level="info").start()
     if port_file is not None:
         tmp = Path(str(port_file) + ".tmp")

@@ -110,15 +110,17 @@ class ServerState:
 
     def __init__(self, limits: Limits | None = None, device: str | None = None, runtime: str | None = None,
                  cache_bytes: int = 2 << 30, registry: str | None = None, backends: tuple[Any, ...] = (),
-                 checkpoints: dict[str, str] | None = None) -> None:
+                 checkpoints: dict[str, str] | None = None, encode_workers: int = 1) -> None:
         """``backends``: already built ``SamBackend``s to serve (tests, benchmarks); others load on demand.
-        ``checkpoints``: model id -> the user's weights file, for models that ship none (SAM, MedSAM)."""
+        ``checkpoints``: model id -> the user's weights file, for models that ship none (SAM, MedSAM).
+        ``encode_workers``: look-ahead encoders per client session (``SegmentationSession``)."""
         self.limits = limits or Limits()
         self.device = device
         self.runtime = runtime
         self.cache_bytes = cache_bytes
         self.registry = registry
         self.checkpoints = dict(checkpoints or {})
+        self.encode_workers = encode_workers
         self._lock = threading.RLock()
         self._backends: dict[str, Any] = {backend.model_id: backend for backend in backends}
         self._caches: dict[str, Any] = {}
@@ -210,7 +212,8 @@ class ServerState:
             cache = self._caches.get(backend.model_id)
             if cache is None:
                 cache = self._caches[backend.model_id] = EmbeddingCache(self.cache_bytes)
-        session = SegmentationSession(model=backend, box_margin=box_margin, cache=cache)
+        session = SegmentationSession(model=backend, box_margin=box_margin, cache=cache,
+                                      encode_workers=self.encode_workers)
         session.set_volume(volume, window, modality=modality)
         client = ClientSession(new_id(), volume_id, session)
         with self._lock:

@@ -281,3 +281,32 @@ def test_a_mask_does_not_depend_on_who_encoded_the_slice(eager_backend, phantom)
         hit = s.decode(ref, box)
         assert s.encode_count == 1
     np.testing.assert_array_equal(miss.logits, hit.logits)
+
+
+@pytest.mark.slow  # two propagations
+def test_two_encode_workers_propagate_the_same_masks_and_encode_each_slice_once(eager_backend):
+    """Look-ahead encodes spread over two workers (samsegment serve --encode-workers 2): the masks are
+    those of one worker, and no slice is encoded twice although both workers and the decode chain
+    ask for the same slices."""
+    from phantoms import ellipsoid_ct
+
+    from SAMSegmentLib.propagation import propagate
+    from SAMSegmentLib.session import SegmentationSession
+
+    vol, truth = ellipsoid_ct(shape=(9, 96, 112), radii=(3.5, 26.0, 32.0))  # a short organ: few encodes
+    index = int(truth.sum(axis=(1, 2)).argmax())
+    results = {}
+    for workers in (1, 2):
+        with SegmentationSession(model=eager_backend, encode_workers=workers) as s:
+            s.set_volume(vol)
+            anchor = s.predict(SliceRef(0, index), Prompts(box=box_of(truth[index]))).mask
+            result = propagate(s, 0, {index: anchor}, "both")
+            assert len(s.encoders) == workers
+        assert s.join(30)  # closed: the look-ahead still running has ended
+        assert s.encode_count == len(s.cache) >= len(result.masks) + 1  # every slice encoded exactly once
+        results[workers] = result
+    assert sorted(results[1].masks) == sorted(results[2].masks)
+    for i, mask in results[1].masks.items():
+        assert np.array_equal(results[2].masks[i], mask), i
+    with pytest.raises(SAMSegmentError, match="encode_workers"):
+        SegmentationSession(model=eager_backend, encode_workers=0)
