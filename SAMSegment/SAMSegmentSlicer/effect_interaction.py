@@ -207,20 +207,18 @@ class EffectController:
     def poll(self) -> Any:
         """From the effect's timer: the new preview when one arrived (else None). A prompt the
         server refused is dropped from this slice's prompts, and its error raised."""
-        try:
-            return self.core.poll()
-        except SAMSegmentError:
-            if self._history and self.state is not None:
-                self.state = self._history.pop()
-            raise
+        return self._keeping_accepted_prompts(self.core.poll)
 
     def wait(self) -> Any:
-        """Block until the latest request is shown (scripts and tests)."""
+        """Block until the latest request is shown (scripts and tests); as ``poll`` for a refusal."""
+        return self._keeping_accepted_prompts(self.core.wait_for_requests)
+
+    def _keeping_accepted_prompts(self, receive: Callable[[], Any]) -> Any:
         try:
-            return self.core.wait_for_requests()
+            return receive()
         except SAMSegmentError:
             if self._history and self.state is not None:
-                self.state = self._history.pop()
+                self.state = self._history.pop()  # the refused prompt is not kept
             raise
 
     def undo(self) -> None:
