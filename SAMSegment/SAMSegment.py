@@ -1,9 +1,10 @@
 """SAMSegment: interactive Segment Anything (LiteMedSAM, SAM, MedSAM) segmentation in 3D Slicer.
 
 The five classes Slicer expects, each kept thin: every decision is in ``SAMSegmentSlicer`` (MRML
-logic, geometry, prompts, segment writes, effect interaction, dependencies), which is tested on
-headless MRML, and in the ``SAMSegmentLib`` engine. The widget only builds the panel, forwards
-events and shows state.
+logic, geometry, prompts, segment writes, effect interaction, the server link), which is tested on
+headless MRML against a real server. The engine (``SAMSegmentLib``) never runs in Slicer's process:
+the module is a client of a SAMSegment server, local or remote. The widget only builds the panel,
+forwards events, polls the requests from its timer and shows state.
 """
 
 from __future__ import annotations
