@@ -745,9 +745,6 @@ def _box_prompts(args: argparse.Namespace, volume: np.ndarray, axis: int):
     from .prompts import Prompts, check_prompts
     from .volume import SliceRef, check_slice_ref, slice_shape
 
-    if (args.box3d or args.box_at) and getattr(args, "server", None):
-        raise SAMSegmentError("--box3d and --box-at do not run through --server yet",
-                              "run without --server (the engine in this process)")
     if (args.box3d or args.box_at) and (args.coords != "voxel" or args.point or args.exclude):
         raise PromptError("--box3d and --box-at take voxel indices and boxes only",
                           "drop --coords lps, --point and --exclude (or prompt one slice with them instead)")
@@ -1051,9 +1048,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mask file whose non-empty slices along --axis are accepted anchors (instead of prompts)")
     p.add_argument("--box3d", type=int, nargs=6, default=None, metavar=("I0", "J0", "K0", "I1", "J1", "K1"),
                    help="a 3D box as the prompt: two opposite corners in voxel indices (ITK order, inclusive). Its "
-                        "in-plane box (across --axis) seeds its middle slice, or --slice K; no slice outside its "
-                        "range along --axis and no voxel outside it is written, and every propagated slice's box "
-                        "stays inside it. With --box (on --slice), --box-at or --anchor-mask, those seed instead")
+                        "in-plane box (across --axis) seeds its middle slice, or --slice K (better: the slice where "
+                        "the structure is largest, measured); no slice outside its range along --axis and no voxel "
+                        "outside it is written, and every propagated slice's box stays inside it. With --box (on "
+                        "--slice), --box-at or --anchor-mask, those seed instead, kept inside the 3D box")
     p.add_argument("--box-at", type=float, nargs=5, action="append", default=[], metavar=("K", "X0", "Y0", "X1", "Y1"),
                    help="a box drawn on slice K (along --axis, voxel coords); repeat for boxes on several slices: "
                         "each seeds the propagation, and slices between two boxes are prompted with the box "

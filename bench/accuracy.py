@@ -1,12 +1,25 @@
 """Volume Dice on the real sample scans: one box + propagation vs the oracle (reference box on
 every slice), printed as JSON.
 
-Usage: python bench/accuracy.py [--data ../shared/data] [--cache-dir DIR] [--held-out]
+Usage: python bench/accuracy.py [--data ../shared/data] [--cache-dir DIR] [--held-out] [--stride 1 2 3] [--quick]
+       [--samples ct mr] [--structures liver spleen] [--boxes]
 The box on the anchor slice is the reference mask's bounding box on the structure's largest
 axial slice (what a user would drag); everything after that uses only the model's own output.
 ``dice`` is the default path (``predict`` adds the model's box margin to that tight box);
 ``dice_box_as_drawn`` decodes the tight box itself (margin 0), for comparison. The oracle takes
 the reference box on every slice, with the margin (``oracle_dice``) and without.
+
+``--stride N`` takes every Nth slice of the samples (from slice 0), to mimic 6 / 9 mm slices; several
+strides run in one go. Every row also has ``box3d_dice``: the reference mask's 3D bounding box as the
+one prompt, its in-plane box drawn on the one-box slice (``propagate(..., boxes={k: plane box},
+bounds=Box3D)``: the ROI placed on the slice the user looks at, propagation kept inside the box);
+``box3d_middle_seed_dice``: the same box seeding its middle slice (``propagate(..., bounds=Box3D)``
+alone, the engine's default); the voxels either wrote outside the box (``box3d_voxels_outside``, must be 0);
+``slices_outside_reference``: per end (below, above), the slices past the reference's first and
+last slice that got a mask with one box. ``--boxes`` adds ``boxes3_dice``: the reference boxes on
+the largest slice and on the slices at 20 % and 80 % of the structure's extent, as drawn boxes
+(``propagate(..., boxes=...)``). ``--quick`` leaves out the fixed-policy, as-drawn and
+oracle-as-drawn columns. ``summary`` lists one box / 3D box / oracle per stride and structure.
 
 ``--held-out`` adds every other labelled structure of the two samples that spans >= 4 slices and
 >= 100 px on its largest one: the default prompt policy against its loose (+3 px) and tight (+2 px)
@@ -28,6 +41,7 @@ import numpy as np
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 from SAMSegmentLib import io as sio  # noqa: E402
+from SAMSegmentLib.box3d import Box3D  # noqa: E402
 from SAMSegmentLib.metrics import dice  # noqa: E402
 from SAMSegmentLib.preprocessing import mask_bbox  # noqa: E402
 from SAMSegmentLib.propagation import PromptPolicy, propagate  # noqa: E402
@@ -49,7 +63,14 @@ FIXED = {"dice_loose_box_only": LOOSE_ONLY,
          "dice_fixed_10pct": PromptPolicy(paddings=((0.0, 0.10),), mask_threshold=0.0)}
 
 
-def evaluate(session: SegmentationSession, labels: np.ndarray, value: int) -> dict:
+def outside_reference(written: list[int], ref3: np.ndarray) -> list[int]:
+    """(below, above): how many of the ``written`` slices lie past the reference's first / last slice."""
+    present = np.nonzero(ref3.any(axis=(1, 2)))[0]
+    return [int(sum(i < present[0] for i in written)), int(sum(i > present[-1] for i in written))]
+
+
+def evaluate(session: SegmentationSession, labels: np.ndarray, value: int, quick: bool = False,
+             boxes3: bool = False) -> dict:
     ref3 = labels == value
     if not ref3.any():
         return {"absent": True}
@@ -60,25 +81,45 @@ def evaluate(session: SegmentationSession, labels: np.ndarray, value: int) -> di
     result = propagate(session, 0, {k: anchor})
     seg = result.to_volume(labels.shape, {k: anchor})
     seconds = time.perf_counter() - t0
-    drawn = session.decode(SliceRef(0, k), Prompts(box=mask_bbox(ref3[k]))).mask  # no margin
-    as_drawn = propagate(session, 0, {k: drawn}).to_volume(labels.shape, {k: drawn})
-    fixed = {"dice_box_as_drawn": round(dice(as_drawn, ref3), 4)}
-    for key, policy in FIXED.items():
-        other = propagate(session, 0, {k: anchor}, policy=policy)
-        fixed[key] = round(dice(other.to_volume(labels.shape, {k: anchor}), ref3), 4)
+    fixed = {}
+    if not quick:
+        drawn = session.decode(SliceRef(0, k), Prompts(box=mask_bbox(ref3[k]))).mask  # no margin
+        as_drawn = propagate(session, 0, {k: drawn}).to_volume(labels.shape, {k: drawn})
+        fixed = {"dice_box_as_drawn": round(dice(as_drawn, ref3), 4),
+                 "anchor_dice_box_as_drawn": round(dice(drawn, ref3[k]), 4)}
+        for key, policy in FIXED.items():
+            other = propagate(session, 0, {k: anchor}, policy=policy)
+            fixed[key] = round(dice(other.to_volume(labels.shape, {k: anchor}), ref3), 4)
+    bounds = Box3D.from_mask(ref3)
+    box3d = propagate(session, 0, boxes={k: bounds.plane_box(0)}, bounds=bounds)  # drawn on the one-box slice
+    seg3 = box3d.to_volume(labels.shape)
+    middle = propagate(session, 0, bounds=bounds).to_volume(labels.shape)  # the engine's default seed
+    outside = ~bounds.mask(labels.shape)
+    extra: dict = {"box3d_dice": round(dice(seg3, ref3), 4), "box3d_middle_seed_dice": round(dice(middle, ref3), 4),
+                   "box3d_voxels_outside": int(np.count_nonzero(seg3 & outside) + np.count_nonzero(middle & outside)),
+                   "box3d_stops": [[s.direction, s.last_index, s.reason.name] for s in box3d.stops]}
+    if boxes3:
+        present = np.nonzero(ref3.any(axis=(1, 2)))[0]
+        picks = sorted({k, int(present[int(0.2 * (len(present) - 1))]), int(present[int(round(0.8 * (len(present) - 1)))])})
+        boxes = {i: mask_bbox(ref3[i]) for i in picks}
+        extra["boxes3_dice"] = round(dice(propagate(session, 0, boxes=boxes).to_volume(labels.shape), ref3), 4)
+        extra["boxes3_slices"] = picks
     oracle, oracle_drawn = np.zeros_like(ref3), np.zeros_like(ref3)
     for i in np.nonzero(ref3.any(axis=(1, 2)))[0]:
         box = Prompts(box=mask_bbox(ref3[i]))
         oracle[i] = session.predict(SliceRef(0, int(i)), box, refine=False).mask
-        oracle_drawn[i] = session.decode(SliceRef(0, int(i)), box).mask
+        if not quick:
+            oracle_drawn[i] = session.decode(SliceRef(0, int(i)), box).mask
+    if not quick:
+        extra["oracle_dice_box_as_drawn"] = round(dice(oracle_drawn, ref3), 4)
     switched = sorted(i for i, o in result.outcomes.items() if "shrank" in o.candidate)
     return {"dice": round(dice(seg, ref3), 4), "anchor_stability": round(result.anchor_stability[k], 4),
             "tight_box_leads": result.anchor_stability[k] >= PromptPolicy.min_stable_area_ratio,
-            "switched_to_loose_at": switched, **fixed, "oracle_dice": round(dice(oracle, ref3), 4),
-            "oracle_dice_box_as_drawn": round(dice(oracle_drawn, ref3), 4),
-            "anchor_dice": round(dice(anchor, ref3[k]), 4), "anchor_dice_box_as_drawn": round(dice(drawn, ref3[k]), 4),
+            "switched_to_loose_at": switched, **fixed, **extra, "oracle_dice": round(dice(oracle, ref3), 4),
+            "anchor_dice": round(dice(anchor, ref3[k]), 4),
             "anchor_slice": k, "slices_written": len(result.masks) + 1,
             "reference_slices": int(ref3.any(axis=(1, 2)).sum()),
+            "slices_outside_reference": outside_reference(sorted(result.masks), ref3),
             "stops": [[s.direction, s.last_index, s.reason.name] for s in result.stops],
             "seconds": round(seconds, 2), "encodes": session.encode_count - calls_before}
 
@@ -126,38 +167,60 @@ def main() -> None:
     parser.add_argument("--model", default="litemedsam")
     parser.add_argument("--cache-dir", default=None, help="disk tier of the embedding cache, reused across runs; "
                         "'{dataset}' in it is replaced by the sample's name, else one sub-folder per sample")
-    parser.add_argument("--held-out", action="store_true", help="also every other labelled structure (see above)")
+    parser.add_argument("--held-out", action="store_true", help="also every other labelled structure (see above; "
+                        "at the first stride given)")
+    parser.add_argument("--stride", type=int, nargs="+", default=[1], help="take every Nth slice (default 1)")
+    parser.add_argument("--quick", action="store_true", help="leave out the fixed-policy and as-drawn columns")
+    parser.add_argument("--boxes", action="store_true", help="also three drawn boxes (boxes3_dice)")
+    parser.add_argument("--samples", nargs="+", default=None, help="sample folders (or their prefix: ct, mr)")
+    parser.add_argument("--structures", nargs="+", default=None, help="only these structures")
     args = parser.parse_args()
-    report: dict = {"model": args.model, "datasets": {}}
+    report: dict = {"model": args.model, "strides": args.stride, "datasets": {}, "summary": []}
     held_rows: list[dict] = []
     for name, structures in DEFAULTS.items():
-        cache_dir = None
-        if args.cache_dir is not None:
-            cache_dir = Path(args.cache_dir.format(dataset=name)) if "{dataset}" in args.cache_dir else Path(args.cache_dir) / name
-        with SegmentationSession(model=args.model, cache_dir=cache_dir, cache_bytes=4 << 30) as session:
-            folder = Path(args.data) / name
-            if not folder.exists():
-                print(f"skipping {folder}: not found", file=sys.stderr)
-                continue
-            vol, _ = sio.read_volume(folder / "image.nii.gz")
-            labels, _ = sio.read_volume(folder / "labels.nii.gz")
-            values = {v: int(k) for k, v in json.loads((folder / "labels.json").read_text()).items()}
-            session.set_volume(vol)
-            rows = {}
-            for structure in structures:
-                row = evaluate(session, labels, values[structure])
-                target = TARGETS.get((name, structure))
-                if target is not None:
-                    row["target"] = target
-                    row["meets_target"] = row["dice"] >= target
-                rows[structure] = row
-                print(f"{name} {structure}: {row}", file=sys.stderr)
-            report["datasets"][name] = {"window": [session.window.low, session.window.high, session.window.source],
-                                        "structures": rows}
-            if args.held_out:
-                extra = held_out(session, labels, values, structures)
-                report["datasets"][name]["held_out"] = extra
-                held_rows += [{**r, "sample": name} for r in extra]
+        if args.samples and not any(name.startswith(p) for p in args.samples):
+            continue
+        structures = [s for s in structures if not args.structures or s in args.structures]
+        folder = Path(args.data) / name
+        if not folder.exists():
+            print(f"skipping {folder}: not found", file=sys.stderr)
+            continue
+        full, _ = sio.read_volume(folder / "image.nii.gz")
+        full_labels, _ = sio.read_volume(folder / "labels.nii.gz")
+        values = {v: int(k) for k, v in json.loads((folder / "labels.json").read_text()).items()}
+        for stride in args.stride:
+            cache_dir = None
+            if args.cache_dir is not None:  # a disk cache holds one volume: one per sample and stride
+                cache_dir = Path(args.cache_dir.format(dataset=name)) if "{dataset}" in args.cache_dir \
+                    else Path(args.cache_dir) / name
+                cache_dir = cache_dir if stride == 1 else cache_dir / f"stride{stride}"
+            with SegmentationSession(model=args.model, cache_dir=cache_dir, cache_bytes=4 << 30) as session:
+                vol, labels = np.ascontiguousarray(full[::stride]), np.ascontiguousarray(full_labels[::stride])
+                session.set_volume(vol)
+                key = name if stride == 1 else f"{name}@stride{stride}"
+                rows = {}
+                for structure in structures:
+                    row = evaluate(session, labels, values[structure], quick=args.quick, boxes3=args.boxes)
+                    target = TARGETS.get((name, structure))
+                    if target is not None and stride == 1:
+                        row["target"] = target
+                        row["meets_target"] = row["dice"] >= target
+                    rows[structure] = row
+                    if not row.get("absent"):
+                        report["summary"].append({"sample": name, "stride": stride, "structure": structure,
+                                                  "one_box": row["dice"], "box3d": row["box3d_dice"],
+                                                  "box3d_middle_seed": row["box3d_middle_seed_dice"],
+                                                  "oracle": row["oracle_dice"],
+                                                  **({"boxes3": row["boxes3_dice"]} if "boxes3_dice" in row else {}),
+                                                  "outside": row["slices_outside_reference"]})
+                        print(f"SUMMARY {report['summary'][-1]}", file=sys.stderr)
+                    print(f"{key} {structure}: {row}", file=sys.stderr)
+                report["datasets"][key] = {"window": [session.window.low, session.window.high, session.window.source],
+                                           "structures": rows}
+                if args.held_out and stride == args.stride[0]:
+                    extra = held_out(session, labels, values, DEFAULTS[name])
+                    report["datasets"][key]["held_out"] = extra
+                    held_rows += [{**r, "sample": name} for r in extra]
     if args.held_out:
         report["held_out_summary"] = summarise(held_rows)
     print(json.dumps(report, indent=1))

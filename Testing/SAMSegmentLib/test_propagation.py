@@ -4,6 +4,7 @@ anchors, gap filling, cancellation, the generator and the work it leaves behind.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from contextlib import closing
 
 import numpy as np
@@ -194,7 +195,7 @@ def test_default_policy_reduces_to_its_fixed_paddings(moving):
     assert {i for i, o in always_switch.outcomes.items() if "shrank" in o.candidate} == first
     never_tight, seg = run(PromptPolicy(min_stable_area_ratio=2.0))
     assert np.array_equal(seg, loose)
-    assert all(o.candidate == "box+3px/0%" for o in never_tight.outcomes.values())
+    assert all(o.candidate.split(" (")[0] == "box+3px/0%" for o in never_tight.outcomes.values())
 
 
 def test_policy_rethresholds_the_chosen_mask_from_its_logits():
@@ -365,3 +366,62 @@ def test_stopping_early_leaves_no_work_behind(backend, moving, how):
         assert encodes == 1 + sum(1 for f in s.encode_futures if not f.cancelled() and f.result())
         time.sleep(0.3)
         assert (real.encode_count, s.decodes) == (encodes, decodes)
+
+
+def test_trim_keeps_the_pixels_in_the_anchors_intensities_when_a_mask_leaks():
+    """``PromptPolicy.trim_below``: a mask that spills into a neighbour of other intensity keeps the
+    part in the anchor's range (holes filled, the components touching the previous mask)."""
+    from SAMSegmentLib.propagation import _trim
+
+    image = np.full((40, 40), 10.0)
+    image[5:25, 5:25] = 100.0  # the organ
+    image[12:15, 12:15] = 10.0  # a hole of other intensity inside it (a vessel): filled back
+    image[30:36, 30:36] = 100.0  # an island of the organ's intensity, apart from it
+    leak = np.zeros((40, 40), bool)
+    leak[5:38, 5:38] = True  # the organ, the neighbour around it and the island
+    previous = np.zeros((40, 40), bool)
+    previous[6:24, 6:24] = True
+    policy = PromptPolicy()
+    trimmed = _trim(image, leak, (90.0, 110.0), previous, policy)
+    organ = np.zeros((40, 40), bool)
+    organ[5:25, 5:25] = True
+    assert not (trimmed & ~organ).any() and (organ & ~trimmed).sum() <= 4  # the opening takes the square's corners
+    assert trimmed[12:15, 12:15].all()  # the hole is filled
+    assert not trimmed[30:36, 30:36].any()  # the island does not touch the previous mask
+    assert _trim(image, organ, (90.0, 110.0), previous, policy) is None  # it agrees: kept as it is
+    assert _trim(image, leak, (90.0, 110.0), previous, PromptPolicy(trim_below=0.1)) is None
+    # a mask mostly in range (75 %) keeps its out-of-range pixels inside the previous mask
+    rim = organ.copy()
+    rim[25:27, 5:25] = True  # 40 px of other intensity below the organ, inside the previous mask ...
+    rim[5:25, 25:28] = True  # ... and 60 px beside it, outside
+    wide_previous = previous | rim & (np.arange(40)[:, None] >= 25)
+    kept = _trim(image, rim, (90.0, 110.0), wide_previous, policy)
+    assert kept[25:27, 6:24].all() and not kept[5:25, 25:28].any()
+    assert not _trim(image, rim, (90.0, 110.0), wide_previous, PromptPolicy(trim_keep_previous=1.0))[25:27].any()
+
+
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "mr-abdomen-3mm"
+
+
+@pytest.mark.slow  # encodes 10 MR slices, three propagations
+@pytest.mark.skipif(not SHARED.exists(), reason="the shared MR sample (../shared/data) is not beside the checkout")
+def test_thick_mr_liver_leak_is_trimmed(session):
+    """Issue 15: on the MR liver taken every 2nd slice, the box chain leaks into the neighbours
+    below the anchor (mask twice the liver's area); the trim to the anchor's intensities holds it
+    (bench/accuracy.py --stride 2: 0.69 -> 0.81)."""
+    import json
+
+    from SAMSegmentLib import io as sio
+
+    vol, _ = sio.read_volume(SHARED / "image.nii.gz")
+    labels, _ = sio.read_volume(SHARED / "labels.nii.gz")
+    value = int({v: k for k, v in json.loads((SHARED / "labels.json").read_text()).items()}["liver"])
+    vol, ref = np.ascontiguousarray(vol[::2]), np.ascontiguousarray(labels[::2] == value)
+    session.set_volume(vol)
+    k = int(ref.sum(axis=(1, 2)).argmax())
+    a = anchor_mask(session, ref, k)
+    default = propagate(session, 0, {k: a})
+    untrimmed = propagate(session, 0, {k: a}, policy=PromptPolicy(trim_below=0.0))
+    assert dice(default.to_volume(vol.shape, {k: a}), ref) > 0.8
+    assert dice(untrimmed.to_volume(vol.shape, {k: a}), ref) < 0.75
+    assert any("trimmed" in o.candidate for o in default.outcomes.values())

@@ -1,0 +1,188 @@
+"""The 3D box prompt and boxes on several slices (issue 15): the geometry of ``Box3D``, what
+propagation does with it (seed, nothing outside, stops at its ends, boxes kept inside), drawn boxes
+as anchors with the interpolated box between them, and the command line's ``--box3d`` / ``--box-at``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from phantoms import box_of, dice, ellipsoid_ct
+from SAMSegmentLib import cli, sample_data
+from SAMSegmentLib.box3d import Box3D
+from SAMSegmentLib.errors import PromptError, VolumeError
+from SAMSegmentLib.preprocessing import mask_bbox
+from SAMSegmentLib.prompts import Prompts
+from SAMSegmentLib.propagation import PromptPolicy, StopReason, StopRules, propagate
+from SAMSegmentLib.volume import SliceRef
+
+
+class Recording:
+    """The real session, with every box it decodes recorded per slice (the model still runs)."""
+
+    def __init__(self, session):
+        self._s, self.boxes = session, {}
+
+    def __getattr__(self, name):
+        return getattr(self._s, name)
+
+    def decode(self, ref, prompts, *args, **kwargs):
+        if prompts.box is not None:
+            self.boxes.setdefault(ref.index, []).append(np.array(prompts.box))
+        return self._s.decode(ref, prompts, *args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def moving(backend):
+    from SAMSegmentLib.session import SegmentationSession
+
+    vol, mask = ellipsoid_ct(drift=0.5, seed=3)
+    s = SegmentationSession(model=backend)
+    s.set_volume(vol)
+    yield s, vol, mask
+    s.close()
+
+
+# ------------------------------------------------------------------------------------------ geometry
+def test_box3d_geometry_in_every_axis():
+    b = Box3D.from_ijk(30, 60, 7, 10, 20, 3)  # ITK order, corners in any order
+    assert b.lo == (3, 20, 10) and b.hi == (7, 60, 30)
+    assert Box3D.from_json(b.to_json()) == b and b.to_json() == {"lo": [3, 20, 10], "hi": [7, 60, 30]}
+    vol = b.mask((9, 70, 40))
+    assert vol.sum() == 5 * 41 * 21 and Box3D.from_mask(vol) == b
+    for axis in (0, 1, 2):
+        index = b.middle(axis)
+        plane = np.take(vol, index, axis)  # the slice as propagation sees it: (rows, columns)
+        assert b.plane_box(axis).tolist() == mask_bbox(plane).tolist()
+        assert np.array_equal(b.plane_mask(vol.shape, axis), plane)
+        assert b.slice_range(axis) == (b.lo[axis], b.hi[axis])
+    b.check((8, 61, 31))
+    with pytest.raises(PromptError, match="outside the volume along axis j"):
+        b.check((8, 60, 31))
+    with pytest.raises(PromptError, match="is empty"):
+        Box3D((3, 4, 5), (3, 2, 5))
+    with pytest.raises(PromptError, match="integer"):
+        Box3D((3, 4, 5.5), (6, 7, 8))
+    with pytest.raises(PromptError, match="empty"):
+        Box3D.from_mask(np.zeros((2, 2, 2), bool))
+
+
+# ------------------------------------------------------------------------------------------ engine
+@pytest.mark.slow  # a propagation over the phantom
+def test_3d_box_seeds_its_middle_slice_and_nothing_leaves_it(moving):
+    s, vol, mask = moving
+    full = Box3D.from_mask(mask)
+    # cut the object: 4 slices off the top, 5 px off its left side and 3 off the bottom rows
+    bounds = Box3D((full.lo[0], full.lo[1], full.lo[2] + 5), (full.hi[0] - 4, full.hi[1] - 3, full.hi[2]))
+    rec = Recording(s)
+    result = propagate(rec, 0, bounds=bounds)
+    middle = bounds.middle(0)
+    assert result.outcomes[middle].candidate == "box" and result.outcomes[middle].direction == 0
+    written = sorted(result.masks)
+    assert written[0] >= bounds.lo[0] and written[-1] == bounds.hi[0]  # the object goes on past the box's top
+    assert {(x.direction, x.reason) for x in result.stops if x.direction > 0} == {(1, StopReason.BOX_END)}
+    seg = result.to_volume(vol.shape)
+    assert not (seg & ~bounds.mask(vol.shape)).any()
+    assert dice(seg, mask & bounds.mask(vol.shape)) > 0.9
+    widened = s.user_box(SliceRef(0, middle), bounds.plane_box(0))
+    for index, boxes in rec.boxes.items():
+        for box in boxes:
+            assert (box[:2] >= widened[:2] - 1e-9).all() and (box[2:] <= widened[2:] + 1e-9).all(), (index, box)
+    # the seed slice follows the caller: an accepted mask inside the box replaces the middle seed
+    k = middle - 3
+    accepted = s.predict(SliceRef(0, k), Prompts(box=box_of(mask[k]))).mask
+    other = propagate(s, 0, {k: accepted}, bounds=bounds)
+    assert middle in other.masks and other.outcomes[middle].candidate != "box" and k not in other.masks
+
+
+@pytest.mark.slow  # two propagations over the phantom
+def test_boxes_on_two_slices_fill_the_gap_from_both_with_the_interpolated_box(moving):
+    s, vol, mask = moving
+    a, b = 7, 17
+    boxes = {a: box_of(mask[a]), b: box_of(mask[b])}
+    rec = Recording(s)
+    result = propagate(rec, 0, boxes=boxes, policy=PromptPolicy(guide_weight=1.0), direction="both")
+    assert result.outcomes[a].candidate == result.outcomes[b].candidate == "box"
+    assert set(range(a, b + 1)) <= set(result.masks)
+    for i in range(a + 1, b):  # each gap slice from a neighbour, the first ones from the boxes' slices
+        assert result.outcomes[i].from_index in (i - 1, i + 1)
+        t = (i - a) / (b - a)
+        interpolated = s.user_box(SliceRef(0, i), (1 - t) * np.array(boxes[a]) + t * np.array(boxes[b]))
+        for box in rec.boxes[i]:  # guide weight 1: every box decoded is the interpolated one
+            assert np.allclose(box, interpolated)
+    assert np.allclose(rec.boxes[a][0], s.user_box(SliceRef(0, a), boxes[a]))  # drawn boxes are widened as predict's
+    seg = result.to_volume(vol.shape)
+    assert dice(seg[a:b + 1], mask[a:b + 1]) > 0.93
+    # weight 0: the boxes come from the masks alone, and they differ
+    rec0 = Recording(s)
+    propagate(rec0, 0, boxes=boxes, policy=PromptPolicy(guide_weight=0.0))
+    assert any(not np.allclose(rec0.boxes[i][0], rec.boxes[i][0]) for i in range(a + 1, b))
+
+
+@pytest.mark.slow  # the phantom session (module fixture) loads the model
+def test_bad_box_prompts_are_refused_at_the_call(moving):
+    s, vol, mask = moving
+    box = box_of(mask[12])
+    cases = [
+        (dict(anchors={12: mask[12]}, boxes={12: box}), PromptError, "both an accepted mask and a box"),
+        (dict(boxes={24: box}), VolumeError, "outside the volume"),
+        (dict(boxes={12: box[:3]}), PromptError, "four finite numbers"),
+        (dict(boxes={12: [1, 2, float("nan"), 5]}), PromptError, "four finite numbers"),
+        (dict(bounds=Box3D((0, 0, 0), (30, 10, 10))), PromptError, "outside the volume along axis k"),
+        (dict(bounds={"lo": [1, 2]}), PromptError, "Cannot read a 3D box"),
+        (dict(bounds={"lo": [1, 2], "hi": [3, 4]}), PromptError, "3 integer"),
+        (dict(bounds=Box3D((2, 0, 0), (8, 90, 100)), rules=StopRules(index_range=(10, 20))), PromptError,
+         "none in common"),
+        (dict(boxes={12: box}, bounds=Box3D((2, 0, 0), (8, 90, 100))), PromptError, "outside the range 2..8"),
+        (dict(), PromptError, "at least one accepted slice, a box or a 3D box"),
+    ]
+    for kwargs, error, message in cases:
+        with pytest.raises(error, match=message):
+            propagate(s, 0, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------ command line
+IMAGE = str(sample_data.path(sample_data.IMAGE))
+
+
+@pytest.fixture(scope="module")
+def crop(tmp_path_factory):
+    """Slices 20..24 of the sample CT (the spleen box on slice 2 is 10 22 39 51)."""
+    path = tmp_path_factory.mktemp("crop") / "crop5.nii.gz"
+    sitk.WriteImage(sitk.ReadImage(IMAGE)[:, :, 20:25], str(path))
+    return str(path)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    def refuse(args):
+        raise AssertionError("the command got as far as loading the model")
+
+    monkeypatch.setattr(cli, "_session", refuse)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--box3d", "10", "22", "0", "39", "51", "9"], "outside the volume along axis k"),
+    (["--box3d", "10", "22", "1", "39", "51", "3", "--box-at", "4", "10", "22", "39", "51"], "outside the 3D box"),
+    (["--box3d", "10", "22", "1", "39", "51", "3", "--coords", "lps"], "voxel indices and boxes only"),
+    (["--box-at", "2.5", "10", "22", "39", "51"], "whole number"),
+    (["--box-at", "2", "10", "22", "39", "51", "--box-at", "2", "1", "2", "30", "40"], "two boxes on slice 2"),
+    (["--box-at", "9", "10", "22", "39", "51"], "outside the volume"),
+    (["--box3d", "10", "22", "1", "39", "51", "3", "--slice", "4"], "outside the range 1..3"),
+])
+def test_bad_box3d_options_are_refused_before_the_model_loads(crop, tmp_path, capsys, no_model, extra, message):
+    code = cli.main(["propagate", crop, "--out", str(tmp_path / "m.nii.gz"), *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "what to do:" in err, err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow  # loads the model, propagates over 5 slices
+def test_cli_box3d_writes_nothing_outside_the_box(crop, tmp_path, capsys):
+    out = tmp_path / "m.nii.gz"
+    assert cli.main(["propagate", crop, "--box3d", "12", "24", "1", "37", "49", "3", "--out", str(out)]) == 0
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out))).astype(bool)  # (K, J, I)
+    inside = Box3D.from_ijk(12, 24, 1, 37, 49, 3).mask(mask.shape)
+    assert mask[1:4].any(axis=(1, 2)).all() and not (mask & ~inside).any()
+    assert "end of the 3D box reached" in capsys.readouterr().out
