@@ -109,6 +109,7 @@ class SAMSegmentParameterNode:
     excludePoints: vtkMRMLMarkupsFiducialNode
     boxROI: vtkMRMLMarkupsROINode
     direction: Annotated[str, Choice(["both", "up", "down"])] = "both"
+    withinBox: bool = False
     limitRange: bool = False
     rangeFirst: Annotated[int, WithinRange(0, 100000)] = 0
     rangeLast: Annotated[int, WithinRange(0, 100000)] = 100000
@@ -214,7 +215,7 @@ class SAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = node.connectParametersToGui({
             "inputVolume": self.ui.volumeSelector, "segmentation": self.ui.segmentationSelector,
             "model": self.ui.modelSelector, "device": self.ui.deviceSelector,
-            "direction": self.ui.directionSelector,
+            "direction": self.ui.directionSelector, "withinBox": self.ui.withinBoxCheck,
             "windowFromDisplay": self.ui.windowCheck,
             "boxMargin": self.ui.marginCheck,
             "includePoints": self.ui.includePlace.markupsSelectorComboBox(),
@@ -369,7 +370,8 @@ class SAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._job = self.logic.resume_propagation(last)  # the same request; written slices stay
             else:
                 self._job = self.logic.start_propagation(self._parameterNode.direction,
-                                                         rules=self.logic.rules_from_parameters(self._parameterNode))
+                                                         rules=self.logic.rules_from_parameters(self._parameterNode),
+                                                         within_roi=self._parameterNode.withinBox)
             self._interrupted = None
 
         if self.guarded(_("Could not start propagation"), start):
@@ -600,6 +602,11 @@ def _build_panel(layout):
     form = qt.QFormLayout(propagation)
     ui.directionSelector = qt.QComboBox()
     form.addRow(_("Direction:"), ui.directionSelector)
+    ui.withinBoxCheck = qt.QCheckBox(_("Keep within the box (3D)"))
+    ui.withinBoxCheck.toolTip = _("The box ROI is a 3D box: propagation stays inside it and stops at its ends; with an "
+                                  "empty segment its middle slice is segmented first. Resize the ROI in any view, Undo "
+                                  "and propagate again.")
+    form.addRow(ui.withinBoxCheck)
     ui.limitRangeCheck = qt.QCheckBox(_("Limit to slices"))
     ui.rangeFirst, ui.rangeLast = qt.QSpinBox(), qt.QSpinBox()
     for spin in (ui.rangeFirst, ui.rangeLast):

@@ -309,9 +309,10 @@ class PropagationCollector:
     def interrupted(self, exc: ServerError) -> ServerError:
         """The error to raise for ``exc``: unreachable, timed out, or a server that no longer knows
         the job (restarted, another replica) become ``PropagationInterrupted`` with the slices so
-        far; refusals (auth, version, overload) stay as they are."""
-        if isinstance(exc, (AuthenticationFailed, VersionMismatch, ServerOverloaded, PropagationInterrupted)):
-            return exc
+        far; refusals (auth, version, overload, a bad request) stay as they are."""
+        if isinstance(exc, PropagationInterrupted) or not (
+                isinstance(exc, (ServerUnreachable, ServerTimeout, ServerLost)) or _lost(exc)):
+            return exc  # a refusal (auth, version, overload, a bad request) stays what it is
         return PropagationInterrupted(
             f"{exc.problem} during propagation; {len(self.result.masks)} slices were received and are kept",
             "start the server again (Slicer restarts its local one), then resume the propagation", self.result)
@@ -631,40 +632,52 @@ class RemoteSession:
         return (yield from self.follow_job_flow(job_id, progress, cancel, on_slice))
 
     @staticmethod
-    def propagation_params(axis: int, anchors: Mapping[int, np.ndarray], direction: str = "both",
-                           rules: Any = None) -> dict[str, Any]:
-        """The ``propagate`` job's parameters (``rules``: a ``StopRules`` or a dict of its fields)."""
-        return {"axis": axis, "direction": direction, "rules": asdict(rules) if is_dataclass(rules) else rules,
-                "anchors": {str(int(i)): mask_to_json(m) for i, m in anchors.items()}}
+    def propagation_params(axis: int, anchors: Mapping[int, np.ndarray] | None, direction: str = "both",
+                           rules: Any = None, boxes: Mapping[int, Any] | None = None,
+                           bounds: Any = None) -> dict[str, Any]:
+        """The ``propagate`` job's parameters: ``rules`` a ``StopRules`` (or a dict of its fields),
+        ``boxes`` {slice: (x0, y0, x1, y1)} box anchors, ``bounds`` a ``Box3D`` (or {lo, hi}) 3D box."""
+        params: dict[str, Any] = {"axis": axis, "direction": direction,
+                                  "rules": asdict(rules) if is_dataclass(rules) else rules,
+                                  "anchors": {str(int(i)): mask_to_json(m) for i, m in (anchors or {}).items()}}
+        if boxes:
+            params["boxes"] = {str(int(i)): [float(v) for v in box] for i, box in boxes.items()}
+        if bounds is not None:
+            lo, hi = (bounds["lo"], bounds["hi"]) if isinstance(bounds, Mapping) else (bounds.lo, bounds.hi)
+            params["bounds"] = {"lo": [int(v) for v in lo], "hi": [int(v) for v in hi]}
+        return params
 
-    def propagate_flow(self, axis: int, anchors: Mapping[int, np.ndarray], direction: str = "both", rules: Any = None,
-                       on_slice: Callable[[SliceRef, np.ndarray, SliceOutcome], None] | None = None,
+    def propagate_flow(self, axis: int, anchors: Mapping[int, np.ndarray] | None, direction: str = "both",
+                       rules: Any = None, on_slice: Callable[[SliceRef, np.ndarray, SliceOutcome], None] | None = None,
                        progress: Callable[[int, int, str], None] | None = None, cancel: Any = None,
-                       resume: PropagationResult | None = None) -> Flow:
+                       resume: PropagationResult | None = None, boxes: Mapping[int, Any] | None = None,
+                       bounds: Any = None) -> Flow:
         collector = PropagationCollector(axis, on_slice, resume)
+        params = self.propagation_params(axis, anchors, direction, rules, boxes, bounds)
         try:
-            job_id = yield from self.start_job_flow("propagate", **self.propagation_params(axis, anchors, direction,
-                                                                                          rules))
+            job_id = yield from self.start_job_flow("propagate", **params)
             done = yield from self.follow_job_flow(job_id, progress, cancel, collector.add)
         except ServerError as exc:
             raise collector.interrupted(exc) from exc
         return collector.finish(done)
 
-    def propagate(self, axis: int, anchors: Mapping[int, np.ndarray], direction: str = "both", rules: Any = None,
-                  on_slice: Callable[[SliceRef, np.ndarray, SliceOutcome], None] | None = None,
+    def propagate(self, axis: int, anchors: Mapping[int, np.ndarray] | None, direction: str = "both",
+                  rules: Any = None, on_slice: Callable[[SliceRef, np.ndarray, SliceOutcome], None] | None = None,
                   progress: Callable[[int, int, str], None] | None = None, cancel: Any = None,
-                  resume: PropagationResult | None = None, auto_resume: int = 1) -> PropagationResult:
+                  resume: PropagationResult | None = None, auto_resume: int = 1, boxes: Mapping[int, Any] | None = None,
+                  bounds: Any = None) -> PropagationResult:
         """The engine's ``propagate`` run on the server: the same ``PropagationResult``, and each slice
         handed to ``on_slice`` as the server decides it.
 
         ``rules`` is a ``StopRules`` (or a dict of its fields); ``cancel`` a ``CancelToken``;
-        ``resume`` the ``partial`` of a ``PropagationInterrupted`` (its slices are not delivered again).
+        ``resume`` the ``partial`` of a ``PropagationInterrupted`` (its slices are not delivered again);
+        ``boxes`` and ``bounds`` as for the engine's ``propagate`` (box anchors, a 3D box).
         A server that is up but lost the job (restarted, a replica that died) gets it again, up to
         ``auto_resume`` times; an unreachable one raises ``PropagationInterrupted``."""
         for attempt in range(auto_resume + 1):
             try:
                 return self._run(self.propagate_flow(axis, anchors, direction, rules, on_slice, progress, cancel,
-                                                     resume))
+                                                     resume, boxes, bounds))
             except PropagationInterrupted as exc:
                 if attempt == auto_resume or isinstance(exc.__cause__, (ServerUnreachable, ServerTimeout)) \
                         or (cancel is not None and cancel.cancelled):

@@ -148,8 +148,15 @@ def mask_from_json(data: Any, shape: tuple[int, int] | None = None) -> np.ndarra
     return np.unpackbits(bits, count=h * w).reshape(h, w).astype(bool)
 
 
-def _finite(values: Any, what: str) -> np.ndarray:
-    array = np.asarray(values, dtype=np.float64)
+def finite_array(values: Any, what: str, size: int | None = None) -> np.ndarray:
+    """``values`` as a float64 array (of ``size`` numbers when given); a ``WireError`` naming ``what``
+    when they are not that many finite numbers."""
+    try:
+        array = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise WireError(f"{what} is not a list of numbers", f"send numbers for {what}") from exc
+    if size is not None and array.size != size:
+        raise WireError(f"{what} has {array.size} numbers, not {size}", f"send {size} numbers for {what}")
     if not np.all(np.isfinite(array)):
         raise WireError(f"{what} contains a non-finite number", f"send finite pixel coordinates for {what}")
     return array
@@ -165,7 +172,7 @@ def prompts_from_json(data: Any) -> Prompts:
     """Prompts from ``{"points": [[x, y], ...], "labels": [1|0, ...], "box": [x0, y0, x1, y1] | null}``."""
     if not isinstance(data, dict):
         raise WireError("Prompts must be a JSON object", "send {\"points\": [], \"labels\": [], \"box\": null}")
-    points = _finite(data.get("points") or [], "points").reshape(-1, 2)
+    points = finite_array(data.get("points") or [], "points").reshape(-1, 2)
     labels = np.asarray(data.get("labels") or [], dtype=np.int64).reshape(-1)
     box = data.get("box")
-    return Prompts(points, labels, None if box is None else _finite(box, "box").reshape(4))
+    return Prompts(points, labels, None if box is None else finite_array(box, "box").reshape(4))

@@ -178,6 +178,19 @@ def box_on_slice(volume_node, corners_ras: np.ndarray, axis: int, index: int) ->
     return np.array([xy[:, 0].min(), xy[:, 1].min(), xy[:, 0].max(), xy[:, 1].max()])
 
 
+def voxel_box(volume_node, corners_ras: np.ndarray, shape_kji: tuple[int, int, int]) -> dict[str, list[int]] | None:
+    """The voxels a 3D box (its world corners, e.g. a markups ROI's, rotated or not) encloses, as the
+    engine's 3D box prompt ``{"lo": [k, j, i], "hi": [k, j, i]}`` (inclusive, clipped to the volume);
+    None when it misses the volume."""
+    ijk = ras_to_ijk(volume_node, corners_ras)
+    lo = np.ceil(ijk.min(axis=0) - 0.5).astype(int)[::-1]   # voxel centres inside the box, (k, j, i)
+    hi = np.floor(ijk.max(axis=0) + 0.5).astype(int)[::-1]
+    lo, hi = np.maximum(lo, 0), np.minimum(hi, np.asarray(shape_kji) - 1)
+    if np.any(lo > hi):
+        return None
+    return {"lo": [int(v) for v in lo], "hi": [int(v) for v in hi]}
+
+
 def roi_corners_ras(roi_node) -> np.ndarray:
     """The 8 world corners of a markups ROI (rotated or transformed ROIs included)."""
     radius = [0.0, 0.0, 0.0]

@@ -78,6 +78,7 @@ class PropagationJob:
     anchors: dict[int, np.ndarray]
     direction: str
     rules: StopRules | None
+    bounds: dict[str, list[int]] | None = None  # a 3D box prompt (the ROI), {lo, hi} in (k, j, i)
     cancel: CancelToken = field(default_factory=CancelToken)
     slices: "deque[tuple[int, np.ndarray, SliceOutcome]]" = field(default_factory=deque)
     progress: tuple[int, int, str] = (0, 0, "")
@@ -255,6 +256,8 @@ class SAMSegmentCore:
 
     def _pump(self) -> None:
         """Advance the connection, the lane and the side operations (never blocks for long)."""
+        if self.link is None and not self._lane:
+            return  # nothing asked for yet (the module's timer runs before Start)
         if not self._ensure_connection():
             return
         if self.volume_node is not None and not self._volume_sent and not any(
@@ -629,9 +632,11 @@ class SAMSegmentCore:
         return {int(i): np.take(arr, int(i), axis=axis).astype(bool) for i in filled}
 
     def start_propagation(self, direction: str = "both", axis: int | None = None, rules: StopRules | None = None,
-                          policy: Any = None) -> PropagationJob:
+                          policy: Any = None, within_roi: bool = False) -> PropagationJob:
         """Propagate the target segment from its non-empty slices on the server.
 
+        ``within_roi``: the box ROI is a 3D box prompt: no slice outside its range is written and no
+        voxel outside it; with an empty segment, its middle slice is prompted with its box first.
         One undo state is saved before the first slice is written, so the whole run (even a
         cancelled or interrupted one) is undone in one step. Call ``poll_propagation`` from the
         GUI thread; slices are written as they arrive."""
@@ -642,11 +647,18 @@ class SAMSegmentCore:
         if axis is None:
             axis = self.current_view.axis if self.current_view is not None else 0
         anchors = self.anchors(axis)
-        if not anchors:
+        bounds = None
+        if within_roi:
+            bounds = self.prompts.box3d(self.volume_node, self._shape())
+            if bounds is None:
+                raise SAMSegmentError("The box ROI is not placed, or does not meet the volume",
+                                      "place the box (ROI) around the structure in any view, then propagate")
+        if not anchors and bounds is None:
             raise SAMSegmentError("The target segment is empty along this view's axis",
-                                  "segment and apply at least one slice, then propagate")
+                                  "segment and apply at least one slice (or use the box as a 3D box), then propagate")
         self.writer.save_state_for_undo()
-        job = PropagationJob(axis=axis, segment_id=self.segment_id, anchors=anchors, direction=direction, rules=rules)
+        job = PropagationJob(axis=axis, segment_id=self.segment_id, anchors=anchors, direction=direction, rules=rules,
+                             bounds=bounds)
         self._jobs.append(job)
         self._launch(job)
         return job
@@ -673,7 +685,7 @@ class SAMSegmentCore:
             job.progress = (done, total, message)
 
         collector = PropagationCollector(job.axis, on_slice, job.interrupted)
-        params = RemoteSession.propagation_params(job.axis, job.anchors, job.direction, job.rules)
+        params = RemoteSession.propagation_params(job.axis, job.anchors, job.direction, job.rules, bounds=job.bounds)
 
         def ended(result: PropagationResult) -> None:
             job.result, job.interrupted, job.running = result, None, False
@@ -723,9 +735,10 @@ class SAMSegmentCore:
 
     def propagate(self, direction: str = "both", axis: int | None = None, rules: StopRules | None = None,
                   policy: Any = None, cancel_after: int | None = None,
-                  progress: Callable[[int, int, str], None] | None = None, timeout: float = 600.0) -> PropagationJob:
+                  progress: Callable[[int, int, str], None] | None = None, timeout: float = 600.0,
+                  within_roi: bool = False) -> PropagationJob:
         """Blocking propagation for the console and tests; ``cancel_after`` cancels after N written slices."""
-        job = self.start_propagation(direction, axis, rules, policy)
+        job = self.start_propagation(direction, axis, rules, policy, within_roi)
         deadline = time.monotonic() + timeout
         while not job.finished:
             self.poll_propagation(job)

@@ -15,7 +15,7 @@ import vtk
 
 from SAMSegmentLib.prompts import EXCLUDE, INCLUDE, Prompts
 
-from .geometry import box_on_slice, points_on_slice, roi_corners_ras
+from .geometry import box_on_slice, points_on_slice, roi_corners_ras, voxel_box
 
 INCLUDE_NAME = "SAM include"
 EXCLUDE_NAME = "SAM exclude"
@@ -131,6 +131,12 @@ class MarkupsPrompts:
         radius = [0.0, 0.0, 0.0]
         roi.GetRadiusXYZ(radius)
         return roi.GetNthControlPointPositionStatus(0) == roi.PositionDefined and sum(r > 0 for r in radius) >= 2
+
+    def box3d(self, volume_node, shape_kji: tuple[int, int, int]) -> dict[str, list[int]] | None:
+        """The ROI as the engine's 3D box prompt (voxels of the volume it encloses), or None."""
+        if not self.roi_defined():
+            return None
+        return voxel_box(volume_node, roi_corners_ras(self.roi_node), shape_kji)
 
     def prompts_for(self, volume_node, axis: int, index: int) -> Prompts:
         """Engine prompts for slice ``index`` of array ``axis``: the points on it and the ROI's box."""

@@ -77,11 +77,21 @@ def _propagate(session: Any, body: dict[str, Any]) -> Work:
     axis = _int(body, "axis")
     if axis not in (0, 1, 2):
         raise WireError(f"Axis must be 0, 1 or 2, got {axis}", "send the slice axis of the anchors")
+    from ..box3d import Box3D
+    from ..wire import finite_array
+
     plane = slice_shape(session.shape, axis)
-    raw = body.get("anchors")
-    if not isinstance(raw, dict) or not raw:
-        raise WireError("Propagation needs 'anchors': {slice index: mask}", "send the accepted slices' masks")
+    raw, raw_boxes, raw_bounds = body.get("anchors") or {}, body.get("boxes") or {}, body.get("bounds")
+    if not isinstance(raw, dict) or not isinstance(raw_boxes, dict) or not (raw or raw_boxes or raw_bounds):
+        raise WireError("Propagation needs 'anchors' {slice index: mask}, 'boxes' {slice index: [x0, y0, x1, y1]} "
+                        "or 'bounds' {lo: [k, j, i], hi: [k, j, i]}", "send the accepted slices' masks or the boxes")
     anchors = {_int({"index": k}, "index"): mask_from_json(v, plane) for k, v in raw.items()}
+    boxes = {_int({"index": k}, "index"): finite_array(v, "a box", 4) for k, v in raw_boxes.items()}
+    bounds = None
+    if raw_bounds is not None:
+        if not isinstance(raw_bounds, dict) or not {"lo", "hi"} <= set(raw_bounds):
+            raise WireError("'bounds' must be {\"lo\": [k, j, i], \"hi\": [k, j, i]}", "send the 3D box's two corners")
+        bounds = Box3D(tuple(raw_bounds["lo"]), tuple(raw_bounds["hi"]))  # checked now: a bad box is a 4xx
     rules = _dataclass_from(StopRules, body.get("rules"), "rules")
     direction = str(body.get("direction", "both"))
     if direction not in DIRECTIONS:
@@ -92,7 +102,7 @@ def _propagate(session: Any, body: dict[str, Any]) -> Work:
             job.add_slice({"index": ref.index, "mask": mask_to_json(mask), "outcome": _plain(asdict(outcome))})
 
         result = propagate(session, axis, anchors, direction, rules=rules, on_slice=on_slice,
-                           progress=_progress(job), cancel=job.cancel)
+                           progress=_progress(job), cancel=job.cancel, boxes=boxes or None, bounds=bounds)
         return {"axis": axis, "cancelled": result.cancelled,
                 "stops": [{"anchor": s.anchor, "direction": s.direction, "last_index": s.last_index,
                            "reason": s.reason.value, "at_index": s.at_index} for s in result.stops]}

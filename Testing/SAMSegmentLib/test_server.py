@@ -108,6 +108,32 @@ def test_propagation_streams_the_engines_slices(server, remote, backend, phantom
 
 
 @pytest.mark.slow
+def test_a_3d_box_and_box_anchors_propagate_on_the_server_as_in_process(server, remote, backend, phantom_volume):
+    """The 3D box (Slicer's ROI, --box3d) and boxes on several slices travel as plain JSON; the server
+    runs the engine's own propagation with them (same slices, same masks); a bad box is a 4xx."""
+    from SAMSegmentLib.box3d import Box3D
+
+    volume, truth = phantom_volume
+    bounds = Box3D.from_mask(truth)
+    k0, k1 = bounds.lo[0], bounds.hi[0]
+    boxes = {k0 + 1: box_of(truth[k0 + 1]), k1 - 1: box_of(truth[k1 - 1])}
+    with SegmentationSession(model=backend) as local:
+        local.set_volume(volume)
+        expected_3d = propagate(local, 0, None, "both", bounds=bounds)
+        expected_boxes = propagate(local, 0, None, "both", boxes=boxes)
+    remote.set_volume(volume)
+    for expected, kwargs in ((expected_3d, {"bounds": bounds}), (expected_boxes, {"boxes": boxes})):
+        got = remote.propagate(0, None, "both", **kwargs)
+        assert sorted(got.masks) == sorted(expected.masks) and got.masks
+        for i, mask in expected.masks.items():
+            assert np.array_equal(got.masks[i], mask), i
+    with pytest.raises(SAMSegmentError, match="empty"):
+        remote.propagate(0, None, "both", bounds={"lo": [5, 0, 0], "hi": [2, 10, 10]})
+    with pytest.raises(SAMSegmentError, match="4 numbers"):
+        remote.propagate(0, None, "both", boxes={3: [1.0, 2.0, 3.0]})
+
+
+@pytest.mark.slow
 def test_two_clients_share_embeddings_by_content(server, phantom_volume):
     volume, truth = phantom_volume
     index, box = anchor_box(truth)

@@ -203,6 +203,11 @@ def test_errors_are_clear(world):
         core.propagate("both")
     with pytest.raises(SAMSegmentError, match="No source volume"):
         SAMSegmentCore(scene).set_inputs(None, seg)
+    idle = SAMSegmentCore(scene)  # the module's timer polls before Start: silent, nothing asked for
+    assert idle.poll() is None and not idle.busy
+    idle.set_inputs(volume, seg)
+    with pytest.raises(SAMSegmentError, match="No SAMSegment server is configured"):
+        idle.view_slice(scene.AddNewNodeByClass("vtkMRMLSliceNode"))
 
 
 @pytest.mark.slow  # a propagation through MRML
@@ -267,3 +272,31 @@ def test_module_logic_initialises_the_core_once():
     scene = __import__("slicer").vtkMRMLScene()
     logic = SAMSegmentLogic(scene)
     assert len(calls) == 1 and logic.scene is scene and logic.moduleName == "SAMSegment"
+
+
+@pytest.mark.slow  # a propagation through MRML
+def test_the_box_roi_as_a_3d_box_prompt(world):
+    """Issue 15 in Slicer: the ROI is already a 3D box. With an empty segment and "keep within the
+    box", its middle slice is segmented from its box and the propagation stays inside it: no slice
+    outside its range, no voxel outside it; one Undo removes it all."""
+    scene, core, volume, seg, _, truth = world
+    ras, ijk = centre_ras(volume, truth)
+    node = slice_node_through(scene, volume, "Axial", ras)
+    core.prompts.ensure_nodes()
+    lo, hi = np.argwhere(truth).min(axis=0), np.argwhere(truth).max(axis=0)  # (k, j, i)
+    lo_k, hi_k = int(lo[0]) + 1, int(hi[0]) - 1  # the box covers all but the block's end slices
+    a = geometry.ijk_to_ras(volume, [[lo[2] - 1, lo[1] - 1, lo_k]])[0]
+    b = geometry.ijk_to_ras(volume, [[hi[2] + 1, hi[1] + 1, hi_k]])[0]
+    core.prompts.set_box(a, b, geometry.vtk_to_numpy_matrix(node.GetSliceToRAS()))
+    box = core.prompts.box3d(volume, truth.shape)
+    assert box["lo"][0] == lo_k and box["hi"][0] == hi_k
+    before = segment_array(seg, core.segment_id, volume)
+    job = core.propagate("both", axis=0, within_roi=True)
+    written = segment_array(seg, core.segment_id, volume).astype(bool)
+    filled = np.nonzero(written.any(axis=(1, 2)))[0]
+    assert filled.min() >= lo_k and filled.max() <= hi_k and len(filled) >= hi_k - lo_k  # inside its range
+    inside = np.zeros_like(written)
+    inside[box["lo"][0]:box["hi"][0] + 1, box["lo"][1]:box["hi"][1] + 1, box["lo"][2]:box["hi"][2] + 1] = True
+    assert not (written & ~inside).any()  # no voxel outside the box
+    assert dice(written, truth & inside) > 0.85 and job.result is not None
+    assert core.undo_edit() and np.array_equal(segment_array(seg, core.segment_id, volume), before)
