@@ -79,6 +79,7 @@ class PropagationJob:
     direction: str
     rules: StopRules | None
     bounds: dict[str, list[int]] | None = None  # a 3D box prompt (the ROI), {lo, hi} in (k, j, i)
+    boxes: dict[int, list[float]] | None = None  # the box on the slice the user is on, seeding a 3D box
     cancel: CancelToken = field(default_factory=CancelToken)
     slices: "deque[tuple[int, np.ndarray, SliceOutcome]]" = field(default_factory=deque)
     progress: tuple[int, int, str] = (0, 0, "")
@@ -636,7 +637,8 @@ class SAMSegmentCore:
         """Propagate the target segment from its non-empty slices on the server.
 
         ``within_roi``: the box ROI is a 3D box prompt: no slice outside its range is written and no
-        voxel outside it; with an empty segment, its middle slice is prompted with its box first.
+        voxel outside it; with an empty segment, the slice shown (else the box's middle slice) is
+        prompted with the box first.
         One undo state is saved before the first slice is written, so the whole run (even a
         cancelled or interrupted one) is undone in one step. Call ``poll_propagation`` from the
         GUI thread; slices are written as they arrive."""
@@ -656,9 +658,17 @@ class SAMSegmentCore:
         if not anchors and bounds is None:
             raise SAMSegmentError("The target segment is empty along this view's axis",
                                   "segment and apply at least one slice (or use the box as a 3D box), then propagate")
+        boxes = None
+        view = self.current_view
+        if bounds is not None and not anchors and view is not None and view.axis == axis \
+                and bounds["lo"][axis] <= view.index <= bounds["hi"][axis]:
+            # seed the slice the user is on (where the box was drawn), not the box's middle: the
+            # middle of a curved organ's box can miss it (bench/accuracy.py, "middle seed")
+            box = self.prompts.prompts_for(self.volume_node, axis, view.index).box
+            boxes = None if box is None else {view.index: [float(v) for v in box]}
         self.writer.save_state_for_undo()
         job = PropagationJob(axis=axis, segment_id=self.segment_id, anchors=anchors, direction=direction, rules=rules,
-                             bounds=bounds)
+                             bounds=bounds, boxes=boxes)
         self._jobs.append(job)
         self._launch(job)
         return job
@@ -685,7 +695,8 @@ class SAMSegmentCore:
             job.progress = (done, total, message)
 
         collector = PropagationCollector(job.axis, on_slice, job.interrupted)
-        params = RemoteSession.propagation_params(job.axis, job.anchors, job.direction, job.rules, bounds=job.bounds)
+        params = RemoteSession.propagation_params(job.axis, job.anchors, job.direction, job.rules, job.boxes,
+                                                  job.bounds)
 
         def ended(result: PropagationResult) -> None:
             job.result, job.interrupted, job.running = result, None, False

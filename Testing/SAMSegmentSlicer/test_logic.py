@@ -300,3 +300,8 @@ def test_the_box_roi_as_a_3d_box_prompt(world):
     assert not (written & ~inside).any()  # no voxel outside the box
     assert dice(written, truth & inside) > 0.85 and job.result is not None
     assert core.undo_edit() and np.array_equal(segment_array(seg, core.segment_id, volume), before)
+    core.current_view = view = core.view_slice(node)  # the user is on this slice: it seeds, not the middle
+    job = core.propagate("both", axis=0, within_roi=True)
+    assert job.boxes is not None and list(job.boxes) == [view.index] and view.index in job.result.masks
+    written = segment_array(seg, core.segment_id, volume).astype(bool)
+    assert not (written & ~inside).any() and dice(written, truth & inside) > 0.85
