@@ -59,3 +59,42 @@ def disks_everything(backend):
     regions = everything_slice(s, SliceRef(0, 0), EverythingParams(points_per_side=5, box_scales=(0.25,)))
     yield s, vol, masks, regions
     s.close()
+
+
+@pytest.fixture(scope="module")
+def moving(backend):
+    """A session holding a phantom whose cross-section moves 0.5 px per slice (embeddings shared by a
+    module's tests); yields (session, volume, mask)."""
+    from phantoms import ellipsoid_ct
+
+    from SAMSegmentLib.session import SegmentationSession
+
+    vol, mask = ellipsoid_ct(drift=0.5, seed=3)
+    s = SegmentationSession(model=backend)
+    s.set_volume(vol)
+    yield s, vol, mask
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def crop(tmp_path_factory):
+    """Slices 20..24 of the sample CT with its geometry (the bad-input campaign's crop5; the spleen box
+    on its slice 2 is 10 22 39 51)."""
+    import SimpleITK as sitk
+
+    from SAMSegmentLib import sample_data
+
+    path = tmp_path_factory.mktemp("crop") / "crop5.nii.gz"
+    sitk.WriteImage(sitk.ReadImage(str(sample_data.path(sample_data.IMAGE)))[:, :, 20:25], str(path))
+    return str(path)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Loading a model (or reaching a server) fails the test: a command's error must come before that."""
+    from SAMSegmentLib import cli
+
+    def refuse(args):
+        raise AssertionError("the command got as far as loading the model")
+
+    monkeypatch.setattr(cli, "_session", refuse)

@@ -32,23 +32,6 @@ IMAGE = str(sample_data.path(sample_data.IMAGE))
 BOX = ["10", "22", "39", "51"]  # the spleen on slice 2 of the crop (slice 22 of the sample)
 
 
-@pytest.fixture(scope="module")
-def crop(tmp_path_factory):
-    """Slices 20..24 of the sample CT, with its geometry (the campaign's crop5)."""
-    path = tmp_path_factory.mktemp("crop") / "crop5.nii.gz"
-    sitk.WriteImage(sitk.ReadImage(IMAGE)[:, :, 20:25], str(path))
-    return str(path)
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-    """Loading a model (or reaching a server) fails the test: the error must come before that."""
-    def refuse(args):
-        raise AssertionError("the command got as far as loading the model")
-
-    monkeypatch.setattr(cli, "_session", refuse)
-
-
 def run(argv, capsys) -> tuple[int, str]:
     code = main(argv)
     return code, capsys.readouterr().err

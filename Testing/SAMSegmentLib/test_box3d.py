@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from phantoms import box_of, dice, ellipsoid_ct
+from phantoms import box_of, dice
 from SAMSegmentLib import cli, sample_data
 from SAMSegmentLib.box3d import Box3D
 from SAMSegmentLib.errors import PromptError, VolumeError
@@ -31,17 +31,6 @@ class Recording:
         if prompts.box is not None:
             self.boxes.setdefault(ref.index, []).append(np.array(prompts.box))
         return self._s.decode(ref, prompts, *args, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def moving(backend):
-    from SAMSegmentLib.session import SegmentationSession
-
-    vol, mask = ellipsoid_ct(drift=0.5, seed=3)
-    s = SegmentationSession(model=backend)
-    s.set_volume(vol)
-    yield s, vol, mask
-    s.close()
 
 
 # ------------------------------------------------------------------------------------------ geometry
@@ -144,22 +133,6 @@ def test_bad_box_prompts_are_refused_at_the_call(moving):
 
 # ------------------------------------------------------------------------------------------ command line
 IMAGE = str(sample_data.path(sample_data.IMAGE))
-
-
-@pytest.fixture(scope="module")
-def crop(tmp_path_factory):
-    """Slices 20..24 of the sample CT (the spleen box on slice 2 is 10 22 39 51)."""
-    path = tmp_path_factory.mktemp("crop") / "crop5.nii.gz"
-    sitk.WriteImage(sitk.ReadImage(IMAGE)[:, :, 20:25], str(path))
-    return str(path)
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-    def refuse(args):
-        raise AssertionError("the command got as far as loading the model")
-
-    monkeypatch.setattr(cli, "_session", refuse)
 
 
 @pytest.mark.parametrize("extra, message", [

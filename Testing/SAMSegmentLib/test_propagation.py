@@ -19,18 +19,6 @@ from SAMSegmentLib.volume import SliceRef
 from SAMSegmentLib.worker import PRIORITY_INTERACTIVE, PRIORITY_PROPAGATION, CancelToken
 
 
-@pytest.fixture(scope="module")
-def moving(backend):
-    """A session holding a phantom whose cross-section moves 0.5 px per slice (embeddings shared by the tests)."""
-    from SAMSegmentLib.session import SegmentationSession
-
-    vol, mask = ellipsoid_ct(drift=0.5, seed=3)
-    s = SegmentationSession(model=backend)
-    s.set_volume(vol)
-    yield s, vol, mask
-    s.close()
-
-
 def anchor_mask(session, mask, k):
     return session.predict(SliceRef(0, k), Prompts(box=box_of(mask[k]))).mask
 
