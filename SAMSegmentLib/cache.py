@@ -261,23 +261,42 @@ class DiskTier:
         with self._lock:
             self._bind(volume_signature, model_id, preprocessing, overwrite)
 
+    @classmethod
+    def check_folder(cls, root: str | Path) -> dict[str, Any] | None:
+        """Refuse a folder that can never be an embedding cache, whatever the volume (the CLI asks
+        before it loads the model): a file, an unreadable manifest or one that is not ours, a
+        non-empty folder without a manifest. Returns the cache's manifest, or None (new or empty).
+
+        Raises:
+            CacheMismatchError: as for ``bind``.
+        """
+        root = Path(root).expanduser()
+        if root.exists() and not root.is_dir():
+            raise CacheMismatchError(f"The cache folder {root} is a file, not a folder",
+                                     "give --cache-dir a folder (new or empty, or one made by 'samsegment embed')")
+        manifest = root / cls.MANIFEST
+        if not manifest.exists():
+            if root.exists() and any(root.iterdir()):
+                raise CacheMismatchError(f"Cache folder {root} is not empty and is not an embedding cache",
+                                         "choose an empty or new folder for --cache-dir")
+            return None
+        try:
+            found = json.loads(manifest.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as exc:
+            raise CacheMismatchError(f"Embedding cache manifest {manifest} is unreadable or corrupt",
+                                     "delete the cache folder and run 'samsegment embed' again") from exc
+        if not _is_cache_manifest(found):
+            raise CacheMismatchError(
+                f"Cache folder {root} holds a manifest.json that is not an embedding cache's; the folder is "
+                "left as it is (also with --overwrite)", "choose an empty or new folder for --cache-dir")
+        return found
+
     def _bind(self, volume_signature: str, model_id: str, preprocessing: str, overwrite: bool) -> None:
         identity = {"format": DISK_FORMAT, "volume_signature": volume_signature, "model_id": model_id,
                     "preprocessing": preprocessing}
-        if self.root.exists() and not self.root.is_dir():
-            raise CacheMismatchError(f"The cache folder {self.root} is a file, not a folder",
-                                     "give --cache-dir a folder (new or empty, or one made by 'samsegment embed')")
         manifest = self.root / self.MANIFEST
-        if manifest.exists():
-            try:
-                found = json.loads(manifest.read_text(encoding="utf-8"))
-            except (ValueError, OSError) as exc:
-                raise CacheMismatchError(f"Embedding cache manifest {manifest} is unreadable or corrupt",
-                                         "delete the cache folder and run 'samsegment embed' again") from exc
-            if not _is_cache_manifest(found):
-                raise CacheMismatchError(
-                    f"Cache folder {self.root} holds a manifest.json that is not an embedding cache's; the folder is "
-                    "left as it is (also with --overwrite)", "choose an empty or new folder for --cache-dir")
+        found = self.check_folder(self.root)
+        if found is not None:
             if found != identity and not overwrite:
                 differs = [k for k in identity if found.get(k) != identity[k]]
                 raise CacheMismatchError(
@@ -287,9 +306,6 @@ class DiskTier:
                     "--overwrite', or delete this folder")
             if found != identity:
                 self._remove_own_files(found)
-        elif self.root.exists() and any(self.root.iterdir()):
-            raise CacheMismatchError(f"Cache folder {self.root} is not empty and is not an embedding cache",
-                                     "choose an empty or new folder for --cache-dir")
         make_folder(self.root, "the embedding cache folder")
         atomic_write_text(manifest, json.dumps(identity, indent=1), what="the embedding cache manifest")
         self._identity = identity

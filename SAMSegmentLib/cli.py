@@ -355,6 +355,16 @@ def _check_outputs(args: argparse.Namespace, geometry: Any, images: Sequence[str
         if key in seen:
             raise ImageIOError(f"{seen[key]} and {flag} name the same file {path}", "give each output its own name")
         seen[key] = flag
+    _check_cache_dir(args)
+
+
+def _check_cache_dir(args: argparse.Namespace) -> None:
+    """Refuse a --cache-dir that can never be an embedding cache (a file, a foreign folder) before
+    the model loads; whether it holds this volume's embeddings is decided once the volume is set."""
+    if getattr(args, "cache_dir", None) and not getattr(args, "server", None):
+        from .cache import DiskTier
+
+        DiskTier.check_folder(args.cache_dir)
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -893,6 +903,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     axis = _axis(args.axis)
     volume, _ = _read(args)
     window = _intensity_window(args, volume)
+    _check_cache_dir(args)
     with _session(args) as session:
         session.set_volume(volume, window=window, modality=args.modality, overwrite_disk_cache=args.overwrite)
         refs = [SliceRef(axis, i) for i in range(volume.shape[axis])]

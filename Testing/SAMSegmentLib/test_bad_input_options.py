@@ -146,6 +146,27 @@ def test_every_float_option_of_every_command_refuses_nan(crop, tmp_path, capsys,
     assert tried >= 20
 
 
+def test_a_cache_dir_that_can_never_be_a_cache_is_refused_before_the_model_loads(crop, tmp_path, capsys, no_model):
+    """C09, C08/C08b, C07-like: a file, a folder with someone else's manifest.json, a non-empty folder that
+    is not a cache; refused before the model loads, and the user's files are left exactly as they were."""
+    user = tmp_path / "project"
+    user.mkdir()
+    (user / "manifest.json").write_text('{"project": "mine"}', encoding="utf-8")
+    (user / "axis1_notes.pt").write_bytes(b"user data")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("x", encoding="utf-8")
+    for cache_dir, message in ((crop, "is a file, not a folder"), (user, "not an embedding cache's"),
+                               (notes, "is not empty and is not an embedding cache")):
+        for argv in (["embed", crop, "--cache-dir", str(cache_dir)],
+                     SEGMENT[:1] + [crop] + SEGMENT[2:] + ["--cache-dir", str(cache_dir)]):
+            argv = [a.format(img=crop, out=tmp_path) for a in argv]
+            code, err = run(argv, capsys)
+            assert code == 2 and message in err and "what to do:" in err, (argv, err)
+    assert (user / "manifest.json").read_text() == '{"project": "mine"}'
+    assert (user / "axis1_notes.pt").read_bytes() == b"user data" and (notes / "todo.txt").exists()
+
+
 def test_existing_outputs_are_refused_before_any_work(crop, tmp_path, capsys, no_model):
     """O06, O03b: an existing --out or --png is refused before the model loads, and nothing is written."""
     existing = tmp_path / "old.nii.gz"
