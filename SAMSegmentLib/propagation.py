@@ -13,8 +13,8 @@ prompted with the box interpolated between them averaged with its neighbour's ma
 (``bounds``, a ``Box3D``) is a prompt of its own: its in-plane box seeds its middle slice, and
 nothing is written outside it.
 
-A mask that leaks into a neighbour of other intensity (measured: the MR liver on thick slices,
-twice the liver's area) is cut back to the anchor's intensity range (``PromptPolicy.trim_below``).
+A mask that leaks into a neighbour of other intensity (the MR liver on thick slices) is cut back
+to the anchor's intensity range (``PromptPolicy.trim_below``).
 
 ``propagate_iter`` is a generator over the decided slices, as SAM2's ``propagate_in_video``: the
 caller sets the pace and stops the run by no longer iterating. ``propagate`` collects it into a
@@ -87,11 +87,10 @@ class PromptPolicy:
     box side)``), optionally with the previous logits as mask input; the closest to the previous
     mask (Dice) is kept. Masks are ``logits > mask_threshold``: at 0 a loose box leaves a rim of
     about a pixel that the next box carries forward, while high thresholds start the spiral.
-    The thresholds were tuned with ``bench/accuracy.py`` (figures in the README). ``trim_below``
-    (issue 15): a mask whose pixels lie less than 80 % in the anchor mask's 5th-95th percentile
-    intensities keeps only those pixels (and, from 70 %, those inside the previous mask), so a leak
-    into tissue of other intensity does not feed the next box (MR liver every 2nd slice 0.69 ->
-    0.81 Dice; at full resolution the CT stomach loses 0.008, the aorta 0.003, nothing else).
+    The thresholds were tuned with ``bench/accuracy.py`` (figures in the README). ``trim_below``:
+    a mask whose pixels lie less than 80 % in the anchor mask's 5th-95th percentile intensities
+    keeps only those pixels (and, from 70 %, those inside the previous mask), so a leak into tissue
+    of other intensity does not feed the next box.
     """
 
     paddings: tuple[tuple[float, float], ...] | None = None  # None: tight where safe, else loose

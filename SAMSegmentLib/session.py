@@ -326,7 +326,7 @@ class SegmentationSession:
             win = IntensityWindow(float(window[0]), float(window[1]))
         else:
             win = auto_window(arr, modality)
-        # hashing releases the GIL: it runs beside the windowing (0.26 -> 0.15 s for 200 x 512 x 512 int16)
+        # hashing releases the GIL: it runs beside the windowing
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="samsegment-hash") as pool:
             hashing = pool.submit(volume_signature, arr)
             windowed = win.apply(arr)
