@@ -389,7 +389,9 @@ def test_samsegment_serve_command_starts_and_stops(tmp_path):
     token_file.write_text(TOKEN)
     proc = subprocess.Popen([sys.executable, "-m", "SAMSegmentLib.cli", "serve", "--port", "0", "--port-file",
                              str(port_file), "--token-file", str(token_file)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            # Ctrl-C as in a terminal, even when the tests run in the background (SIGINT ignored)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 60
         while not port_file.exists() and time.monotonic() < deadline and proc.poll() is None:
