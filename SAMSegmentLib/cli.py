@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from functools import partial
@@ -1138,6 +1139,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             if argv is not None:  # called in-process (tests, scripts): leave Ctrl-C as it was
                 restore()
+        if argv is None:
+            # the process's own Ctrl-C: its workers have stopped and its files are settled; leave now,
+            # so that a Ctrl-C still pending cannot turn the exit into an unhandled KeyboardInterrupt
+            # (the process would then end by SIGINT instead of with status 130)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         return 130
     except MemoryError:
         print("error: out of memory\n  what to do: lower --cache-mib, close other programs, or crop the image",
