@@ -369,8 +369,6 @@ def _check_cache_dir(args: argparse.Namespace) -> None:
 
 
 def _same_file(a: str, b: str) -> bool:
-    import os
-
     try:
         return os.path.samefile(a, b)
     except OSError:
@@ -433,8 +431,6 @@ def _remote(session: Any) -> bool:
 
 
 def _token(token_file: str | None) -> str | None:
-    import os
-
     if token_file is None:
         return os.environ.get("SAMSEGMENT_TOKEN")
     try:
@@ -578,8 +574,6 @@ def _stop_workers(mark: int, hard: bool) -> None:
     print("waiting for the model call in progress to finish ...", file=sys.stderr, flush=True)
     if shutdown_all(timeout=60.0, since=mark) or not hard:
         return
-    import os
-
     print("the model call did not finish; exiting without waiting", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(130)

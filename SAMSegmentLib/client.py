@@ -25,7 +25,6 @@ passing them back as ``resume=`` re-sends the request and delivers only the slic
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import time
 from collections.abc import Generator
@@ -40,7 +39,7 @@ from .preprocessing import IntensityWindow
 from .prompts import Prompts
 from .propagation import PropagationResult, RunStop, SliceOutcome, StopReason
 from .volume import SliceRef
-from .wire import API_VERSION, mask_from_json, mask_to_json, prompts_to_json
+from .wire import API_VERSION, content_hasher, mask_from_json, mask_to_json, prompts_to_json
 
 # Sent with every request once a volume is set: a router in front of several replicas (Ray Serve's
 # model multiplexing) can send a volume's requests to the replica that holds its embeddings.
@@ -172,7 +171,7 @@ def upload_steps(volume: np.ndarray) -> Flow:
     head = header.getvalue()
     payload = bytearray(len(head) + array.nbytes)
     payload[:len(head)] = head
-    digest = hashlib.sha256(f"{array.dtype.str}|{array.shape}".encode())
+    digest = content_hasher(array.dtype, array.shape)
     source = memoryview(array.reshape(-1)).cast("B")
     target = memoryview(payload)
     for start in range(0, array.nbytes, _UPLOAD_STEP):

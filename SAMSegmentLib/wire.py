@@ -27,6 +27,12 @@ class WireError(SAMSegmentError):
     """A request or response that does not have the agreed shape."""
 
 
+def content_hasher(dtype: np.dtype, shape: tuple[int, ...]) -> Any:
+    """The sha256 of a volume's content id, started with its dtype and shape; feed it the C-ordered
+    bytes (at once, or in pieces as they arrive) and take ``hexdigest()``."""
+    return hashlib.sha256(f"{np.dtype(dtype).str}|{tuple(shape)}".encode())
+
+
 def volume_id(volume: np.ndarray) -> str:
     """Content address of a volume: sha256 over dtype, shape and the C-ordered bytes.
 
@@ -34,7 +40,7 @@ def volume_id(volume: np.ndarray) -> str:
     embeddings serve both.
     """
     arr = np.ascontiguousarray(volume)
-    digest = hashlib.sha256(f"{arr.dtype.str}|{arr.shape}".encode())
+    digest = content_hasher(arr.dtype, arr.shape)
     digest.update(memoryview(arr).cast("B"))
     return digest.hexdigest()
 
@@ -116,7 +122,7 @@ class VolumeReceiver:
             self._check_shape(tuple(int(n) for n in shape))
         self._array = np.empty(shape, dtype=dtype)
         self._target = memoryview(self._array.reshape(-1)).cast("B")
-        self._digest = hashlib.sha256(f"{self._array.dtype.str}|{self._array.shape}".encode())
+        self._digest = content_hasher(self._array.dtype, self._array.shape)
         return True
 
     def finish(self) -> tuple[np.ndarray, str]:

@@ -213,14 +213,11 @@ class SAMSegmentCore:
             self.status = "starting the server"
             self._connected = False
             return False
-        if (url, token) != self._target:
-            self._target, self._connected, self._connect_op = (url, token), False, None
-            if self.session is None:
-                self.session = RemoteSession(url, token, model=self.model_id, connect=False)
-            else:
-                self.session.retarget(url, token)
         if self.session is None:
             self.session = RemoteSession(url, token, model=self.model_id, connect=False)
+        if (url, token) != self._target:
+            self._target, self._connected, self._connect_op = (url, token), False, None
+            self.session.retarget(url, token)
         self.session.box_margin = None if self.box_margin_enabled else 0.0
         if self._connected:
             return True
