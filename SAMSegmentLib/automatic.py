@@ -197,10 +197,12 @@ _DECODE_PATH = {"auto": "auto", "batched": "eager", "loop": "onnx"}
 
 
 def _decode_grid(backend: Any, embedding: Any, geom: SliceGeometry, prompts: np.ndarray, boxes: bool,
-                 multimask: bool, p: EverythingParams, features_key: Hashable) -> tuple[Any, Any]:
+                 multimask: bool, p: EverythingParams, features_key: Hashable, adapter: Any = None) -> tuple[Any, Any]:
     """Low-res logits (B, C, L, L) and predicted IoU (B, C), on the CPU, of grid prompts: boxes
-    (B, 4) or points (B, 2), each decoded on its own (``SamBackend.decode_batch``)."""
-    kwargs = {"features_key": features_key, "path": _DECODE_PATH[p.decoder], "eager_batch": p.batch_size}
+    (B, 4) or points (B, 2), each decoded on its own (``SamBackend.decode_batch``; through the
+    session's ``adapter`` when one is in use)."""
+    kwargs = {"features_key": features_key, "path": _DECODE_PATH[p.decoder], "eager_batch": p.batch_size,
+              "adapter": adapter}
     if boxes:
         low_res, iou = backend.decode_batch(embedding, geom, boxes=prompts, **kwargs)
     else:
@@ -378,6 +380,7 @@ class _SliceGrid:
     valid: tuple[int, int]  # rows and columns of the low-res grid that show the image
     prompts_per_call: int
     cancel: CancelToken | None
+    adapter: Any = None  # the session's DecoderAdapter, or None
 
     def decode_filtered(self, prompts: np.ndarray, boxes: bool, multimask: bool, loose: bool,
                         progress: Callable[[int, int], None] | None = None) -> tuple[Any, Any, Any, np.ndarray]:
@@ -393,7 +396,7 @@ class _SliceGrid:
                 self.cancel.raise_if_cancelled()
             chunk = prompts[start:start + size]
             low_res, iou = _decode_grid(self.backend, self.embedding, self.geom, chunk, boxes, multimask, p,
-                                        self.features_key)
+                                        self.features_key, self.adapter)
             _filter(low_res, iou, chunk, p, self.valid, min_px, max_px, kept, loose)
             if progress is not None:
                 progress(start + len(chunk), total)
@@ -413,7 +416,7 @@ def _everything_now(session: SessionProtocol, ref: SliceRef, p: EverythingParams
     h, w = geom.height, geom.width
     per_call = p.batch_size or max(PROMPTS_PER_CALL, backend.eager_batch_size)
     grid = _SliceGrid(backend, session.embedding(ref), object(), geom, p, low_res_valid_size(geom, LOW_RES_SIZE),
-                      per_call, cancel)  # session.embedding inline: we are on the worker thread
+                      per_call, cancel, session.adapter)  # session.embedding inline: we are on the worker thread
     boxes = p.prompt == "boxes"
     prompts = grid_boxes(h, w, p.points_per_side, p.box_scales) if boxes else grid_points(h, w, p.points_per_side)
     multimask = not boxes and backend.spec.multimask_output

@@ -19,7 +19,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Hashable
+from typing import TYPE_CHECKING, Any, Hashable
 
 import numpy as np
 
@@ -28,6 +28,9 @@ from .model_build import build_model
 from .model_registry import ModelSpec, get_spec
 from .preprocessing import SliceGeometry
 from .runtimes import part_runtimes, requested_runtime
+
+if TYPE_CHECKING:
+    from .adaptation import DecoderAdapter
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +126,17 @@ class SamBackend:
     @property
     def model_id(self) -> str:
         return self.spec.id
+
+    @property
+    def model_sha256(self) -> str:
+        """sha256 of the loaded weights file (the registry's verified digest, else hashed once and
+        remembered beside the ONNX graphs): what an adapter is tied to."""
+        if self._weights_sha256 is None:
+            from . import onnx_cache
+
+            self._weights_sha256 = onnx_cache.weights_digest(self.weights_path, self.onnx_cache_dir
+                                                             or onnx_cache.default_cache_dir())
+        return self._weights_sha256
 
     # ----------------------------------------------------------------------------- runtime
     @property
@@ -277,7 +291,7 @@ class SamBackend:
     def decode_batch(self, embedding: Any, geom: SliceGeometry, points: np.ndarray | None = None,
                      labels: np.ndarray | None = None, boxes: np.ndarray | None = None, mask_input: Any = None,
                      multimask: bool = False, features_key: Hashable | None = None, *, path: str = "auto",
-                     eager_batch: int = 0) -> tuple[Any, Any]:
+                     eager_batch: int = 0, adapter: DecoderAdapter | None = None) -> tuple[Any, Any]:
         """Decode B prompt sets on one embedding (SAM's ``predict_torch``).
 
         The decoder's ONNX Runtime graph runs one prompt set at a time; eager PyTorch takes
@@ -298,6 +312,8 @@ class SamBackend:
                 to ask for one (benchmarks, tests); "onnx" without a decoder graph runs eager.
             eager_batch: prompt sets per eager decoder call; 0: ``eager_batch_size`` (64 on a GPU,
                 1 on a CPU).
+            adapter: decode with this adapted decoder (``adaptation``) instead of the stock one; it
+                runs in eager PyTorch whatever ``path`` says (the ONNX graphs hold the stock weights).
 
         Returns:
             (low-res logits (B, C, 256, 256), predicted IoU (B, C)), float32 tensors on the model
@@ -311,6 +327,9 @@ class SamBackend:
 
             raise SAMSegmentError(f"Unknown decode path {path!r}", f"use one of {', '.join(DECODE_PATHS)}")
         prompts = self._model_prompts(geom, points, labels, boxes, mask_input)
+        if adapter is not None:
+            return self._decode_eager(embedding, prompts, multimask, eager_batch or self.eager_batch_size,
+                                      adapter.modules(self))
         graph = None if path == "eager" else self._graph("decoder")
         if graph is not None:
             out = self._decode_onnx(graph, embedding, prompts, multimask, features_key)
@@ -320,7 +339,8 @@ class SamBackend:
 
     def decode(self, embedding: Any, geom: SliceGeometry, points: np.ndarray | None = None,
                labels: np.ndarray | None = None, box: np.ndarray | None = None, mask_input: Any = None,
-               multimask: bool = False, features_key: Hashable | None = None) -> DecodeResult:
+               multimask: bool = False, features_key: Hashable | None = None,
+               adapter: DecoderAdapter | None = None) -> DecodeResult:
         """Decode one prompt set: ``decode_batch`` with B = 1, mapped back to the slice.
 
         Args:
@@ -333,6 +353,7 @@ class SamBackend:
             multimask: decode SAM's three multimask outputs and keep the one with the highest
                 predicted IoU.
             features_key: as for ``decode_batch``.
+            adapter: as for ``decode_batch``.
 
         Returns:
             The mask's full-resolution logits, predicted IoU and low-res logits.
@@ -344,7 +365,7 @@ class SamBackend:
             embedding, geom, np.asarray(points, dtype=np.float64).reshape(1, -1, 2) if has_points else None,
             None if labels is None or not has_points else np.asarray(labels).reshape(1, -1),
             None if box is None else np.asarray(box, dtype=np.float64).reshape(1, 4), mask_input, multimask,
-            features_key)
+            features_key, adapter=adapter)
         best = int(torch.argmax(iou[0])) if multimask else 0
         score = float(iou[0, best])
         if multimask:  # a copy: the history keeps one mask, not the three
@@ -382,11 +403,13 @@ class SamBackend:
                                   "give one box and one mask input per point set")
         return _ModelPrompts(sizes[0] if sizes else 1, coords, labs, scaled, mask_input)
 
-    def _decode_eager(self, embedding: Any, p: _ModelPrompts, multimask: bool, batch: int) -> tuple[Any, Any]:
+    def _decode_eager(self, embedding: Any, p: _ModelPrompts, multimask: bool, batch: int,
+                      modules: tuple[Any, Any] | None = None) -> tuple[Any, Any]:
+        """Decode in PyTorch with the stock prompt encoder and mask decoder, or ``modules``."""
         import torch
 
         dev = self.device
-        pe, md = self.net.prompt_encoder, self.net.mask_decoder
+        pe, md = modules if modules is not None else (self.net.prompt_encoder, self.net.mask_decoder)
         lows, ious = [], []
         with torch.inference_mode():
             emb = embedding.to(dev, torch.float32)

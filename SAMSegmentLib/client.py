@@ -1,9 +1,10 @@
 """A client of ``samsegment serve`` with the shape of the in-process session (numpy + the standard library).
 
 ``RemoteSession`` offers what callers use of ``SegmentationSession`` (``set_volume``, ``predict``,
-``undo``, ``reset``, ``prefetch``, ``shape``, ``window``) and runs the long work on the server:
-``propagate`` (slices arrive as the server decides them), ``everything``, ``samaug``,
-``prompt_uncertainty``, with the engine's own result types. It imports neither torch nor the model
+``undo``, ``reset``, ``prefetch``, ``shape``, ``window``, and adaptation: ``adapt``,
+``use_stock_model``, ``adapter_file_bytes``, ``load_adapter_file_bytes``) and runs the long work on
+the server: ``propagate`` (slices arrive as the server decides them), ``everything``, ``samaug``,
+``prompt_uncertainty``, ``adapt``, with the engine's own result types. It imports neither torch nor the model
 code, so it runs in Slicer's own Python. Every failure is a ``SAMSegmentError`` that names the
 cause: unreachable, authentication, version mismatch, timeout, overload, or the server's own error
 and remedy.
@@ -20,6 +21,10 @@ A server that restarted has lost the volume and the session: the client uploads 
 and reopens its session by itself (prompt history on the server starts afresh). A propagation
 interrupted by a lost server raises ``PropagationInterrupted`` carrying the slices received so far;
 passing them back as ``resume=`` re-sends the request and delivers only the slices not yet seen.
+An adapted decoder in use (``adapt`` kept it, or ``load_adapter_file_bytes``) is held here as its
+signed file and put back into the reopened session, so a restart does not silently fall back to
+the stock model; if the new server refuses it (another key or model), ``AdapterNotRestored`` says
+so once and the stock model is in use from then on.
 """
 
 from __future__ import annotations
@@ -80,6 +85,15 @@ class ServerLost(ServerError):
     a bare 5xx): like a restarted server, the client re-sends what it holds and retries once."""
 
 
+class NoAdapter(ServerError):
+    """The server's session decodes with the stock model (``GET .../adapter`` answered 404)."""
+
+
+class AdapterNotRestored(ServerError):
+    """A reopened session (the server restarted) refused the adapted decoder this client held: the
+    stock model is in use from now on; the message says why (another signing key, another model)."""
+
+
 class PropagationInterrupted(ServerError):
     """The server went away (or lost the job) during a propagation; ``partial`` holds every slice
     received before that. ``propagate(..., resume=partial)`` continues once a server is back."""
@@ -137,6 +151,8 @@ def _ssl_context(verify: bool | str) -> Any:
 def _engine_error(name: Any, problem: str, remedy: str) -> SAMSegmentError:
     """The engine's own error class for a server error of type ``name`` (e.g. PromptError), so
     callers handle a remote error exactly as a local one; ServerError for anything else."""
+    if name == "NoAdapter":
+        return NoAdapter(problem, remedy)
     cls = getattr(errors, str(name or ""), None)
     if isinstance(cls, type) and issubclass(cls, SAMSegmentError) and cls is not SAMSegmentError:
         try:
@@ -350,6 +366,7 @@ class RemoteSession:
         self._vid: str | None = None
         self._volume_args: tuple[Any, str] = (None, "auto")
         self.session_id: str | None = None
+        self._adapter_bytes: bytes | None = None  # the signed adapter in use on the server; None: stock
         self.window: IntensityWindow | None = None
         self.model_id: str | None = None
         self.needs_box = False
@@ -482,6 +499,7 @@ class RemoteSession:
             window = (window.low, window.high)
         yield from self._close_flow()
         self._volume = self._payload = self._vid = None
+        self._adapter_bytes = None  # an adapter belongs to its volume (the engine reverts too)
         self.window = None
         payload, view, vid = yield from upload_steps(volume)
         self._payload, self._volume, self._vid, self._volume_args = payload, view, vid, (window, modality)
@@ -515,27 +533,49 @@ class RemoteSession:
                 raise
             yield from self._upload_flow(force=True)
             opened = (yield Call("POST", "/v1/sessions", json=body)).json()
-        self.session_id = opened["session_id"]
+        session_id = opened["session_id"]
+        refused = None
+        if self._adapter_bytes is not None:  # a reopened session: the adapted decoder goes back in
+            try:
+                yield Call("PUT", f"/v1/sessions/{session_id}/adapter", data=self._adapter_bytes,
+                           params={"source": "The adapter this client held"})
+            except SAMSegmentError as exc:
+                if _lost(exc) or isinstance(exc, (ServerUnreachable, ServerTimeout, ServerOverloaded,
+                                                  AuthenticationFailed)):
+                    raise  # no session is taken without its adapter: the next call reopens and tries again
+                self._adapter_bytes, refused = None, exc
+        self.session_id = session_id
         self.model_id = opened["model"]
         self.needs_box = bool(opened["needs_box"])
         win = opened["window"]
         self.window = IntensityWindow(float(win["low"]), float(win["high"]), source=win["source"])
+        if refused is not None:
+            raise AdapterNotRestored(f"The server's new session refused the adapted decoder ({refused.problem}); "
+                                     "the stock model is in use now",
+                                     f"adapt again, or load an adapter file signed for this server "
+                                     f"({refused.remedy})") from refused
 
-    def _session_flow(self, method: str, suffix: str, body: Any = None) -> Flow:
-        """A call on this client's session (JSON in and out); reopens it once when the server lost it."""
+    def _session_call_flow(self, method: str, suffix: str, body: Any = None, data: Any = None,
+                           params: Mapping[str, Any] | None = None) -> Flow:
+        """A call on this client's session (JSON or bytes in, the ``HttpResponse`` out); reopens the
+        session once when the server lost it."""
         if self._vid is None:
             raise SAMSegmentError("No volume is loaded in the session", "call set_volume(array) first")
         if self.session_id is None:
             yield from self._open_flow()
         try:
-            return (yield Call(method, f"/v1/sessions/{self.session_id}{suffix}", json=body)).json()
+            return (yield Call(method, f"/v1/sessions/{self.session_id}{suffix}", json=body, data=data, params=params))
         except SAMSegmentError as exc:
             if not _lost(exc):
                 raise
             if isinstance(exc, ServerLost):
                 yield Pause(0.25)  # the router learns that the replica is gone
         yield from self._open_flow()
-        return (yield Call(method, f"/v1/sessions/{self.session_id}{suffix}", json=body)).json()
+        return (yield Call(method, f"/v1/sessions/{self.session_id}{suffix}", json=body, data=data, params=params))
+
+    def _session_flow(self, method: str, suffix: str, body: Any = None) -> Flow:
+        """A call on this client's session (JSON in and out); reopens it once when the server lost it."""
+        return (yield from self._session_call_flow(method, suffix, body)).json()
 
     def _close_flow(self) -> Flow:
         session_id, self.session_id = self.session_id, None
@@ -722,3 +762,103 @@ class RemoteSession:
                            measure: str = "entropy") -> tuple[np.ndarray, np.ndarray]:
         """(mean probability, uncertainty) maps over ``n`` jittered prompts, float32 (H, W)."""
         return self._run(self.uncertainty_flow(ref, prompts, n, jitter, seed, measure))
+
+    # ---------------------------------------------------------------- adaptation
+    @property
+    def adapter_in_use(self) -> bool:
+        """Whether the server's session decodes through an adapted decoder this client holds (kept by
+        ``adapt`` or loaded with ``load_adapter_file_bytes``); False: the stock model."""
+        return self._adapter_bytes is not None
+
+    @staticmethod
+    def adaptation_params(axis: int, accepted: Mapping[int, np.ndarray], structure: str | None = None,
+                          settings: Any = None) -> dict[str, Any]:
+        """The ``adapt`` job's parameters: ``accepted`` {slice: mask}, ``settings`` an ``AdaptSettings``
+        (or a dict of its fields, or None for the defaults)."""
+        return {"axis": int(axis), "accepted": {str(int(i)): mask_to_json(m) for i, m in accepted.items()},
+                "structure": structure, "settings": asdict(settings) if is_dataclass(settings) else settings}
+
+    def adapt_flow(self, axis: int, accepted: Mapping[int, np.ndarray], structure: str | None = None,
+                   settings: Any = None, progress: Callable[[int, int, str], None] | None = None,
+                   cancel: Any = None) -> Flow:
+        from .adaptation import AdaptationReport
+
+        params = self.adaptation_params(axis, accepted, structure, settings)
+        done = yield from self.job_flow("adapt", progress, cancel, **params)
+        if "report" not in done:
+            raise CancelledError("The adaptation was cancelled; the model in use did not change")
+        report = AdaptationReport.from_json(done["report"])
+        if report.kept:
+            data = yield from self.adapter_file_bytes_flow()
+            if data is None:
+                raise ServerError("The server lost the adapted decoder before this client could fetch it (its "
+                                  "session was reopened)", "adapt again")
+            self._adapter_bytes = data
+        return report
+
+    def adapt(self, axis: int, accepted: Mapping[int, np.ndarray], structure: str | None = None, settings: Any = None,
+              progress: Callable[[int, int, str], None] | None = None, cancel: Any = None):
+        """The engine's ``SegmentationSession.adapt`` run on the server (a job: ``progress`` gets its
+        steps, ``cancel`` a ``CancelToken`` stops it, then ``CancelledError``).
+
+        When the held-back check keeps the adapted decoder, the server's session decodes through it
+        from then on and this client fetches and holds its signed file (``adapter_in_use``), to put
+        it back into a session reopened after a server restart.
+
+        Args:
+            axis: the slice axis of the accepted masks.
+            accepted: {slice index: bool mask} of one structure, as accepted by the user.
+            structure: the structure's name, kept with the adapter.
+            settings: an ``AdaptSettings`` (or a dict of its fields; None: the defaults).
+
+        Returns:
+            The ``AdaptationReport`` (``kept``: the adapter is now in use).
+        """
+        return self._run(self.adapt_flow(axis, accepted, structure, settings, progress, cancel))
+
+    def adapt_op(self, axis: int, accepted: Mapping[int, np.ndarray], structure: str | None = None,
+                 settings: Any = None, progress: Callable[[int, int, str], None] | None = None,
+                 cancel: Any = None) -> Operation:
+        return self.operation(self.adapt_flow(axis, accepted, structure, settings, progress, cancel))
+
+    def use_stock_model_flow(self) -> Flow:
+        self._adapter_bytes = None  # first: a session reopened on the way gets no adapter back
+        yield from self._session_flow("DELETE", "/adapter")
+
+    def use_stock_model(self) -> None:
+        """Decode with the stock model again (the server drops the adapter; this client forgets it)."""
+        self._run(self.use_stock_model_flow())
+
+    def adapter_file_bytes_flow(self) -> Flow:
+        try:
+            response = yield from self._session_call_flow("GET", "/adapter")
+        except NoAdapter:
+            return None
+        return bytes(response.body)
+
+    def adapter_file_bytes(self) -> bytes | None:
+        """The adapter in use on the server as a signed adapter file's content (signed with the
+        server's key), or None when the stock model is in use."""
+        return self._run(self.adapter_file_bytes_flow())
+
+    def load_adapter_file_bytes_flow(self, data: bytes, source: str = "the adapter") -> Flow:
+        data = bytes(data)
+        response = yield from self._session_call_flow("PUT", "/adapter", data=data, params={"source": source})
+        self._adapter_bytes = data
+        return response.json()
+
+    def load_adapter_file_bytes(self, data: bytes, source: str = "the adapter") -> dict[str, Any]:
+        """Send a signed adapter file to the server, which verifies it (its key, its model) and
+        decodes through it from then on; this client holds it (``adapter_in_use``).
+
+        Args:
+            data: the file's content.
+            source: what ``data`` is, for the server's messages (a file name).
+
+        Returns:
+            {"structure": ..., "report": ...} of the adapter now in use.
+
+        Raises:
+            CheckpointError: not an adapter, damaged, not signed with the server's key, or of another model.
+        """
+        return self._run(self.load_adapter_file_bytes_flow(data, source))

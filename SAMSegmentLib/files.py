@@ -183,10 +183,9 @@ def atomic_path(path: str | Path, suffix: str = ".tmp", shareable: bool = False,
             pass
 
 
-def atomic_write_text(path: str | Path, text: str, what: str = "") -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically (see ``atomic_path``), with the usual permissions;
-    the file is read back before it replaces ``path``."""
-    data = text.encode("utf-8")
+def atomic_write_bytes(path: str | Path, data: bytes, what: str = "") -> None:
+    """Write ``data`` to ``path`` atomically (see ``atomic_path``), with the usual permissions; the
+    file is read back before it replaces ``path``."""
 
     def verify(tmp: Path) -> None:
         if tmp.read_bytes() != data:
@@ -196,3 +195,8 @@ def atomic_write_text(path: str | Path, text: str, what: str = "") -> None:
 
     with atomic_path(path, shareable=True, verify=verify, what=what) as tmp:
         tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | Path, text: str, what: str = "") -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (``atomic_write_bytes``)."""
+    atomic_write_bytes(path, text.encode("utf-8"), what)

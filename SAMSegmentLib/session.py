@@ -27,7 +27,7 @@ import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
@@ -40,6 +40,9 @@ from .prompts import Prompts, check_prompts, require_box
 from .volume import SliceRef, check_slice_ref, constant_slice_error, get_slice, slice_shape, validate_volume, volume_signature
 from .worker import (PRIORITY_INTERACTIVE, PRIORITY_PREFETCH, PRIORITY_PROPAGATION, CancelToken, InferenceWorker,
                      ProgressCallback)
+
+if TYPE_CHECKING:
+    from .adaptation import AdaptationReport, AdaptSettings, DecoderAdapter
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +210,7 @@ class SegmentationSession:
         self._prefetch_generation = 0
         self._closed = False
         self.encode_count = 0
+        self._adapter: DecoderAdapter | None = None  # of the current volume and structure; None: stock
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> "SegmentationSession":
@@ -344,8 +348,86 @@ class SegmentationSession:
             self._prefetch_generation += 1
             self._state = state
             self._history.clear()
+            self._adapter = None  # an adapter belongs to the volume (and structure) it was made for
         log.info("volume %s, window [%g, %g] (%s)", arr.shape, win.low, win.high, win.source)
         return win
+
+    # ------------------------------------------------------------------ adaptation
+    @property
+    def adapter(self) -> DecoderAdapter | None:
+        """The adapted decoder every decode goes through, or None for the stock model."""
+        return self._adapter
+
+    def use_adapter(self, adapter: DecoderAdapter | None) -> None:
+        """Decode through ``adapter`` from now on (None: back to the stock model).
+
+        Prompts, propagation, everything mode and uncertainty all decode through it until the next
+        ``set_volume`` or ``use_adapter``; the caller reverts when the user switches structure.
+
+        Raises:
+            CheckpointError: the adapter was trained from another model or other weights.
+        """
+        if adapter is not None:
+            adapter.check_model(self.backend)
+        with self._lock:
+            self._adapter = adapter
+
+    def adapt(self, axis: int, accepted: dict[int, np.ndarray], structure: str | None = None,
+              settings: AdaptSettings | None = None, cancel: CancelToken | None = None,
+              progress: ProgressCallback | None = None) -> AdaptationReport:
+        """Adapt the decoder to the accepted masks (``adaptation.adapt``) and use it when the
+        held-back check keeps it (then ``adapter`` holds it); otherwise the model in use stays.
+
+        Args:
+            axis, accepted, structure, settings, cancel, progress: as for ``adaptation.adapt``.
+
+        Returns:
+            The ``AdaptationReport`` (``kept`` says whether the adapter is now in use).
+        """
+        from .adaptation import adapt
+
+        state = self.state
+        report, adapter = adapt(self, axis, accepted, structure, settings, cancel, progress)
+        if adapter is not None:
+            with self._lock:
+                if self._state is state:  # a new volume meanwhile: the adapter is not for it
+                    self._adapter = adapter
+        return report
+
+    def use_stock_model(self) -> None:
+        """Decode with the stock model again (``use_adapter(None)``)."""
+        self.use_adapter(None)
+
+    def adapter_file_bytes(self, key: bytes | None = None) -> bytes | None:
+        """The adapter in use as a signed adapter file's content (None: the stock model is in use).
+
+        Args:
+            key: the signing key (None: ``adaptation.signing_key()``).
+        """
+        from .adaptation import signing_key
+
+        adapter = self._adapter
+        return None if adapter is None else adapter.to_bytes(key if key is not None else signing_key())
+
+    def load_adapter_file_bytes(self, data: bytes, key: bytes | None = None, source: str = "the adapter") -> dict:
+        """Verify a signed adapter file's content and use it (``use_adapter``).
+
+        Args:
+            data: the file's bytes.
+            key: the signing key (None: ``adaptation.signing_key()``).
+            source: what ``data`` is, for messages.
+
+        Returns:
+            {"structure": ..., "report": ...} of the adapter now in use.
+
+        Raises:
+            CheckpointError: not an adapter, damaged, not signed with the key, or of another model.
+        """
+        from .adaptation import DecoderAdapter, signing_key
+
+        adapter = DecoderAdapter.from_bytes(data, key if key is not None else signing_key(), source)
+        self.use_adapter(adapter)
+        return {"structure": adapter.structure, "report": adapter.report}
 
     # ------------------------------------------------------------------ slices and embeddings
     def slice_image(self, ref: SliceRef) -> np.ndarray:
@@ -583,6 +665,7 @@ class SegmentationSession:
         if state.is_constant(ref):
             raise constant_slice_error(ref, state.slice_image(ref))
         key = state.key(ref)
+        adapter = self._adapter
 
         def run() -> Prediction:
             emb = None
@@ -596,7 +679,7 @@ class SegmentationSession:
             single_point = prompts.box is None and len(prompts.points) == 1
             multimask = single_point and mask_input is None and self.backend.spec.multimask_output
             out = self.backend.decode(emb, geom, prompts.points if len(prompts.points) else None, prompts.labels,
-                                      prompts.box, mask_input, multimask, features_key=key)
+                                      prompts.box, mask_input, multimask, features_key=key, adapter=adapter)
             mask = out.logits > 0.0
             if self.fill_holes or self.largest_component:
                 from .postprocess import postprocess

@@ -15,6 +15,7 @@ import numpy as np
 from .worker import PRIORITY_INTERACTIVE, PRIORITY_PROPAGATION
 
 if TYPE_CHECKING:  # annotations only: importing the backend here would pull in the model code
+    from .adaptation import DecoderAdapter
     from .backends import SamBackend
     from .preprocessing import IntensityWindow, SliceGeometry
     from .prompts import Prompts
@@ -29,9 +30,9 @@ class SessionProtocol(Protocol):
 
     Used by: propagation (``shape``, ``slice_image``, ``is_constant``, ``encode_async``,
     ``decode``); everything mode (``shape``, ``is_constant``, ``backend``, ``worker``,
-    ``embedding``, ``geometry``); SAMAug (everything mode's members, ``slice_image``, and for a
+    ``embedding``, ``geometry``, ``adapter``); SAMAug (everything mode's members, ``slice_image``, and for a
     batch ``set_volume`` and ``model_id``); prompt uncertainty (``shape``, ``slice_image``, ``is_constant``,
-    ``backend``, ``user_box``, ``worker``, ``embedding``, ``geometry``).
+    ``backend``, ``user_box``, ``worker``, ``embedding``, ``geometry``, ``adapter``).
     """
 
     backend: SamBackend
@@ -39,6 +40,12 @@ class SessionProtocol(Protocol):
 
     worker: InferenceWorker
     """The thread every model call runs on; algorithms that decode many prompts run there."""
+
+    @property
+    def adapter(self) -> DecoderAdapter | None:
+        """The adapted decoder the session decodes through (``SegmentationSession.adapt``), or None
+        for the stock model; algorithms that call the backend's decoder themselves pass it on."""
+        ...
 
     @property
     def model_id(self) -> str:

@@ -184,7 +184,8 @@ def prompt_uncertainty(session: SessionProtocol, ref: SliceRef, prompts: Prompts
         key = object()  # one embedding, many prompts: its decoder features are computed once
         point_scale = None
         if box is None:  # points only: jitter relative to the size of what the prompt selects
-            low, _ = backend.decode_batch(emb, geom, base.points[None], base.labels[None], features_key=key)
+            low, _ = backend.decode_batch(emb, geom, base.points[None], base.labels[None], features_key=key,
+                                          adapter=session.adapter)
             with torch.inference_mode():
                 mask = (geom.low_res_to_slice(low.float().cpu(), LOW_RES_SIZE)[0, 0] > 0).numpy()
             bbox = mask_bbox(mask)
@@ -194,7 +195,7 @@ def prompt_uncertainty(session: SessionProtocol, ref: SliceRef, prompts: Prompts
         points = np.stack([s.points for s in samples]) if len(base.points) else None
         labels = np.stack([s.labels for s in samples]) if len(base.points) else None
         boxes = np.stack([s.box for s in samples]) if box is not None else None
-        low, _ = backend.decode_batch(emb, geom, points, labels, boxes, features_key=key)
+        low, _ = backend.decode_batch(emb, geom, points, labels, boxes, features_key=key, adapter=session.adapter)
         low = low.float().cpu()
         probs = []
         with torch.inference_mode():

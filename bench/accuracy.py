@@ -127,14 +127,21 @@ def evaluate(session: SegmentationSession, labels: np.ndarray, value: int, quick
 HELD_OUT_POLICIES = {"default": PromptPolicy(), "loose_box_only": LOOSE_ONLY, "tight_box_only": TIGHT_ONLY}
 
 
+def held_out_structures(labels: np.ndarray, names: dict[str, int], tuned: list[str]) -> dict[str, int]:
+    """The labelled structures not in ``tuned`` that span >= 4 slices and >= 100 px on their largest one."""
+    out = {}
+    for structure, value in names.items():
+        areas = (labels == value).sum(axis=(1, 2))
+        if structure not in tuned and np.count_nonzero(areas) >= 4 and areas.max() >= 100:
+            out[structure] = value
+    return out
+
+
 def held_out(session: SegmentationSession, labels: np.ndarray, names: dict[str, int], tuned: list[str]) -> list[dict]:
     rows = []
-    for structure, value in names.items():
+    for structure, value in held_out_structures(labels, names, tuned).items():
         ref3 = labels == value
-        areas = ref3.sum(axis=(1, 2))
-        if structure in tuned or np.count_nonzero(areas) < 4 or areas.max() < 100:
-            continue
-        k = int(areas.argmax())
+        k = int(ref3.sum(axis=(1, 2)).argmax())
         box = Prompts(box=mask_bbox(ref3[k]))
         anchors = {"widened": session.predict(SliceRef(0, k), box).mask, "as_drawn": session.decode(SliceRef(0, k), box).mask}
         for anchor_kind, anchor in anchors.items():

@@ -20,9 +20,18 @@ Routes (all JSON unless noted)::
     POST   /v1/sessions/{sid}/undo          {axis, index}
     POST   /v1/sessions/{sid}/reset         {axis?, index?}
     POST   /v1/sessions/{sid}/prefetch      {axis, index, radius?, direction?, include_self?}
-    POST   /v1/sessions/{sid}/jobs          {kind: propagate|everything|samaug|uncertainty, ...}
+    POST   /v1/sessions/{sid}/jobs          {kind: propagate|everything|samaug|uncertainty|adapt, ...}
+    GET    /v1/sessions/{sid}/adapter       the adapter in use as a signed adapter file (octet-stream);
+                                            404 NoAdapter when the stock model is in use
+    PUT    /v1/sessions/{sid}/adapter       body: a signed adapter file (octet-stream, at most
+                                            Limits.max_adapter_bytes) -> {structure, report}
+    DELETE /v1/sessions/{sid}/adapter       the stock model again
     GET    /v1/jobs/{jid}?after=N           state, progress, slices from N on, result
     DELETE /v1/jobs/{jid}                   cancel
+
+Adapter files are signed and verified with the server's key (``ServerState.adapter_key``), never
+unpickled; a file signed elsewhere is refused (400, the ``CheckpointError``'s problem and remedy)
+unless the machines share the site's key file (``$SAMSEGMENT_ADAPTER_KEY``).
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ from .. import __version__
 from ..errors import ModelNotFoundError, SAMSegmentError
 from ..wire import API_VERSION, VolumeReceiver, WireError
 from .jobs import JOB_KINDS, prediction_json, start_job
-from .state import Limits, NotFound, Overloaded, ServerState, TooLarge
+from .state import Limits, NoAdapter, NotFound, Overloaded, ServerState, TooLarge
 
 log = logging.getLogger("SAMSegment.server")
 
@@ -218,6 +227,37 @@ def create_app(state: ServerState, token: str | None):
         body = await json_body(request)
         job = start_job(state, session_id, body)
         return job.snapshot()
+
+    @app.get("/v1/sessions/{session_id}/adapter")
+    async def get_adapter(session_id: str) -> Response:
+        session = state.session(session_id).session
+        data = await run_in_threadpool(lambda: session.adapter_file_bytes(state.adapter_key()))
+        if data is None:
+            raise NoAdapter("This session decodes with the stock model: it has no adapted decoder to send",
+                            "adapt to accepted slices first (an 'adapt' job), or load an adapter file")
+        return Response(content=data, media_type="application/octet-stream")
+
+    @app.put("/v1/sessions/{session_id}/adapter")
+    async def put_adapter(session_id: str, request: Request, source: str = "The uploaded adapter") -> dict[str, Any]:
+        session = state.session(session_id).session
+        limit = state.limits.max_adapter_bytes
+        too_large = TooLarge(f"The adapter file exceeds this server's limit of {limit} bytes",
+                             "send a file written by --save-adapter or the module's Save (tens of MiB at most)")
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise too_large  # before reading any of it
+        received = bytearray()
+        async for chunk in request.stream():
+            received += chunk
+            if len(received) > limit:
+                raise too_large
+        source = " ".join(source.split())[:200] or "The uploaded adapter"
+        return await run_in_threadpool(session.load_adapter_file_bytes, bytes(received), state.adapter_key(), source)
+
+    @app.delete("/v1/sessions/{session_id}/adapter")
+    def delete_adapter(session_id: str) -> dict[str, Any]:
+        state.session(session_id).session.use_stock_model()
+        return {"adapter": None}
 
     @app.get("/v1/jobs/{job_id}")
     def poll_job(job_id: str, after: int = 0) -> dict[str, Any]:

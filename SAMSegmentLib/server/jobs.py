@@ -2,7 +2,8 @@
 
 Propagation runs ``propagation.propagate`` with the slices streamed into the job as they are
 decided; everything mode, SAMAug and prompt uncertainty run ``automatic``, ``samaug`` and
-``uncertainty`` unchanged. Float and label maps travel as ``.npy`` (no pickle) in base64.
+``uncertainty`` unchanged; adaptation runs ``SegmentationSession.adapt`` (the session then decodes
+through the adapter when it is kept). Float and label maps travel as ``.npy`` (no pickle) in base64.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import numpy as np
 
 from ..wire import WireError, array_to_npy, mask_from_json, mask_to_json, prompts_from_json
 from .state import Job, ServerState
-
 
 
 def prediction_json(prediction: Any) -> dict[str, Any]:
@@ -186,9 +186,39 @@ def _uncertainty(session: Any, body: dict[str, Any]) -> Work:
     return work
 
 
+def _adapt(session: Any, body: dict[str, Any]) -> Work:
+    """``{"axis", "accepted": {"<index>": mask JSON}, "structure"?, "settings"?}``: the session's
+    ``adapt``; the result is ``{"report": AdaptationReport.as_json()}``."""
+    from ..adaptation import AdaptSettings, checked_accepted
+    from ..volume import slice_shape
+
+    axis = _int(body, "axis")
+    if axis not in (0, 1, 2):
+        raise WireError(f"Axis must be 0, 1 or 2, got {axis}", "send the slice axis of the accepted masks")
+    raw = body.get("accepted")
+    if not isinstance(raw, dict) or not raw:
+        raise WireError("Adaptation needs 'accepted' {slice index: mask} with at least one slice",
+                        "send the masks the user accepted, as mask_to_json(mask)")
+    plane = slice_shape(session.shape, axis)
+    accepted = {_int({"index": k}, "index"): mask_from_json(v, plane) for k, v in raw.items()}
+    structure = body.get("structure")
+    if structure is not None and not isinstance(structure, str):
+        raise WireError("'structure' must be a string or null", "send the structure's name, or null")
+    settings = _dataclass_from(AdaptSettings, body.get("settings"), "settings")
+    settings.check()  # a bad setting, an empty mask or a slice outside the volume: a 4xx now, not a failed job
+    accepted = checked_accepted(session.shape, axis, accepted)
+
+    def work(job: Job) -> dict[str, Any]:
+        report = session.adapt(axis, accepted, structure, settings, cancel=job.cancel, progress=_progress(job))
+        return {"report": report.as_json()}
+
+    return work
+
+
 # Each kind checks its request now (a bad one is a 4xx, not a failed job) and returns the work.
 _KINDS: dict[str, Callable[[Any, dict[str, Any]], Work]] = {
-    "propagate": _propagate, "everything": _everything, "samaug": _samaug, "uncertainty": _uncertainty}
+    "propagate": _propagate, "everything": _everything, "samaug": _samaug, "uncertainty": _uncertainty,
+    "adapt": _adapt}
 JOB_KINDS = tuple(_KINDS)
 
 

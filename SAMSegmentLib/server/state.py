@@ -7,9 +7,12 @@
   refinement state are that client's), all sessions of one model sharing one embedding cache, whose
   keys hold the volume's content signature, the model and the preprocessing: two clients on the
   same study reuse each other's embeddings.
-* **Jobs**: propagation, everything mode, SAMAug and prompt uncertainty run on a bounded pool;
+* **Jobs**: propagation, everything mode, SAMAug, prompt uncertainty and adaptation run on a bounded pool;
   a client polls a job for the slices decided so far and can cancel it. The engine functions run
   unchanged: the server adds transport, never a second copy of the algorithms.
+* **Adapters**: a session's adapted decoder (``SegmentationSession.adapt``) lives in its session;
+  it travels as a signed adapter file, signed and verified with this server's key
+  (``adapter_key``: ``adaptation.signing_key``, ``$SAMSEGMENT_ADAPTER_KEY`` on the server).
 """
 
 from __future__ import annotations
@@ -44,6 +47,10 @@ class TooLarge(SAMSegmentError):
     """A request or volume beyond the server's limits."""
 
 
+class NoAdapter(NotFound):
+    """The session decodes with the stock model: it has no adapter to send."""
+
+
 @dataclass(frozen=True)
 class Limits:
     """Bounds that keep one client from exhausting the server; reported by ``/v1/info``."""
@@ -58,6 +65,7 @@ class Limits:
     max_inflight_predictions: int = 8
     max_prefetch_radius: int = 4  # look-ahead encodes per prompt on each side (0: none, e.g. a busy shared server)
     finished_job_ttl_s: float = 600.0
+    max_adapter_bytes: int = 64 << 20  # a signed adapter file (LiteMedSAM's: ~16 MiB)
 
     def as_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -110,10 +118,13 @@ class ServerState:
 
     def __init__(self, limits: Limits | None = None, device: str | None = None, runtime: str | None = None,
                  cache_bytes: int = 2 << 30, registry: str | None = None, backends: tuple[Any, ...] = (),
-                 checkpoints: dict[str, str] | None = None, encode_workers: int = 1) -> None:
+                 checkpoints: dict[str, str] | None = None, encode_workers: int = 1,
+                 adapter_key_file: str | None = None) -> None:
         """``backends``: already built ``SamBackend``s to serve (tests, benchmarks); others load on demand.
         ``checkpoints``: model id -> the user's weights file, for models that ship none (SAM, MedSAM).
-        ``encode_workers``: look-ahead encoders per client session (``SegmentationSession``)."""
+        ``encode_workers``: look-ahead encoders per client session (``SegmentationSession``).
+        ``adapter_key_file``: the key that signs and verifies adapter files (None:
+        ``adaptation.default_key_path()``, i.e. ``$SAMSEGMENT_ADAPTER_KEY`` or the user's own)."""
         self.limits = limits or Limits()
         self.device = device
         self.runtime = runtime
@@ -121,6 +132,7 @@ class ServerState:
         self.registry = registry
         self.checkpoints = dict(checkpoints or {})
         self.encode_workers = encode_workers
+        self.adapter_key_file = adapter_key_file
         self._lock = threading.RLock()
         self._backends: dict[str, Any] = {backend.model_id: backend for backend in backends}
         self._caches: dict[str, Any] = {}
@@ -155,6 +167,16 @@ class ServerState:
     def loaded_devices(self) -> dict[str, str]:
         with self._lock:
             return {model_id: str(backend.device) for model_id, backend in self._backends.items()}
+
+    def adapter_key(self) -> bytes:
+        """The key this server signs and verifies adapter files with (made on first use).
+
+        Raises:
+            CheckpointError: the key file cannot be read or made.
+        """
+        from ..adaptation import signing_key
+
+        return signing_key(self.adapter_key_file)
 
     # ---------------------------------------------------------------- volumes
     def check_volume_shape(self, shape: tuple[int, ...]) -> None:

@@ -237,6 +237,10 @@ class CountingSession:
     def shape(self):
         return self.real.shape
 
+    @property
+    def adapter(self):
+        return self.real.adapter
+
     def set_volume(self, volume, window=None, modality="auto", overwrite_disk_cache=False):
         return self.real.set_volume(volume, window, modality, overwrite_disk_cache)
 
