@@ -40,7 +40,7 @@ if os.path.isdir(os.path.join(_SOURCE_ROOT, "SAMSegmentLib")) and _SOURCE_ROOT n
 EFFECT_SOURCE = os.path.join(MODULE_DIR, "SegmentEditorSAMLib", "SegmentEditorEffect.py").replace("\\", "/")
 
 from SAMSegmentSlicer.dependencies import check_supported  # noqa: E402 - needs MODULE_DIR on sys.path
-from SAMSegmentSlicer.logic import SAMSegmentCore  # noqa: E402
+from SAMSegmentSlicer.logic import ADAPTER_SUFFIX, SAMSegmentCore  # noqa: E402
 from SAMSegmentSlicer.server_link import stop_local_servers  # noqa: E402
 from SAMSegmentSlicer.status import show_status  # noqa: E402
 
@@ -58,8 +58,9 @@ class SAMSegment(ScriptedLoadableModule):
         self.parent.helpText = _(
             "Segment structures with Segment Anything models (LiteMedSAM by default, offline): place a box "
             "(ROI: click one corner, then the opposite corner) on any slice view, refine with include/exclude "
-            "points, accept, then propagate through adjacent slices. Also available as the 'SAM' effect in the "
-            "Segment Editor, where a box is dragged. Needs 3D Slicer 5.10 or later. "
+            "points, accept, then propagate through adjacent slices. 'Adapt to this scan' fine-tunes the model to the "
+            "slices accepted for one structure. Also available as the 'SAM' effect in the Segment Editor, where a box "
+            "is dragged. Needs 3D Slicer 5.10 or later. "
             '<a href="https://github.com/samsegment/SlicerSAMSegment">Documentation</a>.')
         self.parent.acknowledgementText = _(
             "LiteMedSAM and MedSAM: Ma J. et al., Nature Communications 2024. Segment Anything: Kirillov A. et al., "
@@ -129,6 +130,7 @@ class SAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         self._interrupted = None  # a propagation the server's loss stopped; Propagate resumes it
         self._task = None
+        self._adapterTask = None  # an adaptation, or an adapter being saved or loaded
         self.timer = qt.QTimer()
         self.timer.setInterval(40)
         self.timer.connect("timeout()", self.onTimer)
@@ -138,6 +140,7 @@ class SAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.setup(self)
         self.logic = SAMSegmentLogic()
         self.logic.on_error = lambda exc: self.setStatus(str(exc), error=True)
+        self.logic.on_status = lambda text: self.setStatus(text)
         self.ui = _build_panel(self.layout)
         self.ui.applyButton.connect("clicked()", self.onAccept)
         self.ui.undoButton.connect("clicked()", self.onUndo)
@@ -149,6 +152,11 @@ class SAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.everythingVolumeButton.connect("clicked()", lambda: self.onEverything(volume=True))
         self.ui.samaugButton.connect("clicked()", self.onSAMAug)
         self.ui.uncertaintyCheck.connect("toggled(bool)", self.onUncertainty)
+        self.ui.adaptButton.connect("clicked()", self.onAdapt)
+        self.ui.adaptCancelButton.connect("clicked()", self.onCancelAdaptation)
+        self.ui.stockModelButton.connect("clicked()", self.onUseStockModel)
+        self.ui.saveAdapterButton.connect("clicked()", self.onSaveAdapter)
+        self.ui.loadAdapterButton.connect("clicked()", self.onLoadAdapter)
         self.ui.marginCheck.connect("toggled(bool)", lambda on: self.logic.set_box_margin(on))
         self.ui.segmentSelector.connect("currentSegmentChanged(QString)", self.onSegmentChanged)
         self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)",
@@ -165,7 +173,9 @@ class SAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if unsupported is not None:
             self.setStatus(unsupported, error=True)
             for button in (self.ui.loadModelButton, self.ui.applyButton, self.ui.propagateButton,
-                           self.ui.everythingSliceButton, self.ui.everythingVolumeButton, self.ui.samaugButton):
+                           self.ui.everythingSliceButton, self.ui.everythingVolumeButton, self.ui.samaugButton,
+                           self.ui.adaptButton, self.ui.stockModelButton, self.ui.saveAdapterButton,
+                           self.ui.loadAdapterButton):
                 button.enabled = False
             return
         self.timer.start()
@@ -184,11 +194,12 @@ class SAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         """Cancel running work before the scene's nodes go away; nothing lands in the next scene."""
-        self.logic.release_scene(self._job, self._task)
-        self._job = self._task = self._interrupted = None
+        self.logic.release_scene(self._job, self._task, self._adapterTask)
+        self._job = self._task = self._interrupted = self._adapterTask = None
         self.ui.propagateButton.enabled = True
         self.ui.cancelButton.enabled = False
         self.ui.progressBar.setValue(0)
+        self.ui.adaptProgressBar.setValue(0)
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -454,6 +465,101 @@ class SAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._startTask(_("prompt uncertainty"),
                         lambda progress, cancel: research_nodes.uncertainty_flow(self.logic), show)
 
+    # ---------------------------------------------------------------- adaptation to accepted slices
+    def _startAdapterTask(self, message: str, start: Callable[[], object]) -> None:
+        """Start an adaptation, or an adapter save/load (``start`` returns the logic's task)."""
+        if self._adapterTask is not None or (self.logic.segmentation_node is None and not self._bind()):
+            return
+
+        def run() -> None:
+            self._adapterTask = start()
+
+        if self.guarded(message, run):
+            self.ui.adaptProgressBar.setValue(0)
+            self.updateAdaptationSection()
+
+    def onAdapt(self) -> None:
+        def start():
+            view = self.logic.current_view or self.activeView()
+            return self.logic.start_adaptation(view.axis if view is not None else None)
+
+        self._startAdapterTask(_("Could not start the adaptation"), start)
+
+    def onCancelAdaptation(self) -> None:
+        if self._adapterTask is not None:
+            self._adapterTask.cancel.cancel()
+            self.setStatus(_("Cancelling the adaptation; the model in use stays."))
+
+    def onUseStockModel(self) -> None:
+        self.logic.use_stock_model()
+        self.updateAdaptationSection()
+
+    def onSaveAdapter(self) -> None:
+        if not self.logic.adapter_in_use or self.logic.segmentation_node is None:
+            self.setStatus(_("No adapter is in use: adapt to accepted slices, or load an adapter, first."), error=True)
+            return
+        name = "".join(c if c.isalnum() or c in "-_" else "_" for c in self.logic.segment_name()) or "adapter"
+        suggested = os.path.join(slicer.app.defaultScenePath, name + ADAPTER_SUFFIX)
+        path = qt.QFileDialog.getSaveFileName(None, _("Save adapter"), suggested,
+                                              _("SAMSegment adapter (*{suffix})").format(suffix=ADAPTER_SUFFIX))
+        if not path:
+            return
+        path = str(path)
+        # the file dialog asked before choosing an existing file; a suffix added here was not asked about
+        if not path.lower().endswith(ADAPTER_SUFFIX):
+            path += ADAPTER_SUFFIX
+            if os.path.exists(path) and not slicer.util.confirmYesNoDisplay(
+                    _("{path} exists. Replace it?").format(path=path)):
+                return
+        self._startAdapterTask(_("Could not save the adapter"),
+                               lambda: self.logic.start_save_adapter(path, overwrite=True))
+
+    def onLoadAdapter(self) -> None:
+        path = qt.QFileDialog.getOpenFileName(None, _("Load adapter"), slicer.app.defaultScenePath,
+                                              _("SAMSegment adapter (*{suffix});;All files (*)")
+                                              .format(suffix=ADAPTER_SUFFIX))
+        if path:
+            self._startAdapterTask(_("Could not load the adapter"), lambda: self.logic.start_load_adapter(str(path)))
+
+    def pollAdaptation(self) -> None:
+        """From the timer: follow the adaptation (or adapter save/load); the logic reports its outcome
+        through ``on_status``."""
+        task = self._adapterTask
+        if task is None:
+            return
+        try:
+            done = self.logic.poll_task(task)
+        except Exception as exc:  # noqa: BLE001 - cancelled or failed: the logic kept the model in use
+            if task.cancel.cancelled:
+                self.setStatus(self.logic.adaptation_status)  # "Adaptation cancelled: ... stays."
+            else:
+                self.setStatus(_("{name} stopped: {error}").format(name=task.name.capitalize(), error=exc), error=True)
+            done = True
+        count, total, _message = task.progress
+        if total:
+            self.ui.adaptProgressBar.setValue(int(100 * count / total))
+        if done:
+            self._adapterTask = None
+
+    def updateAdaptationSection(self) -> None:
+        """Buttons enabled only when they make sense; the report line or the training progress."""
+        task, logic = self._adapterTask, self.logic
+        running = task is not None
+        bound = logic.segmentation_node is not None
+        self.ui.adaptButton.enabled = not running
+        self.ui.adaptCancelButton.enabled = running and task.name == "adaptation"
+        self.ui.stockModelButton.enabled = logic.adapter_in_use and not running
+        self.ui.saveAdapterButton.enabled = logic.adapter_in_use and bound and not running
+        self.ui.loadAdapterButton.enabled = not running
+        if running and task.name == "adaptation" and task.progress[2]:
+            text = task.progress[2]
+        elif running:
+            text = logic.adaptation_status
+        else:
+            text = logic.describe_adapter()
+        if self.ui.adaptReport.text != text:
+            self.ui.adaptReport.setText(text)
+
     def onTimer(self) -> None:
         """Every 40 ms: advance the server requests a few milliseconds and show what arrived."""
         if self.logic is None:
@@ -494,6 +600,8 @@ class SAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.propagateButton.enabled = True
                 self.ui.cancelButton.enabled = False
                 self._job = None
+        self.pollAdaptation()
+        self.updateAdaptationSection()
         self.updateServerStatus()
 
     def updateServerStatus(self) -> None:
@@ -656,6 +764,44 @@ def _build_panel(layout):
     ui.uncertaintyCheck.toolTip = (_("Re-run the current prompt with jittered boxes/points and outline the pixels "
                                    "where the results disagree."))
     form.addRow(ui.uncertaintyCheck)
+
+    adaptation = ctk.ctkCollapsibleButton()
+    adaptation.text = _("Adapt to this scan")
+    adaptation.collapsed = True
+    layout.addWidget(adaptation)
+    form = qt.QFormLayout(adaptation)
+    note = qt.QLabel(_("Fine-tunes the model's mask decoder to the slices you accepted for the selected segment "
+                       "(2-3 slices spread over the structure; about 15 s on a laptop CPU). A held-back slice decides "
+                       "whether the adapted model is kept. It is for this structure of this scan: selecting another "
+                       "segment or volume returns to the stock model."))
+    note.wordWrap = True
+    form.addRow(note)
+    row = qt.QHBoxLayout()
+    ui.adaptButton = qt.QPushButton(_("Adapt to accepted slices"))
+    ui.adaptButton.toolTip = _("Train on the selected segment's accepted slices along the view's axis; prompts, "
+                               "propagation and everything mode then use the adapted model when it does better.")
+    ui.adaptCancelButton = qt.QPushButton(_("Cancel"))
+    ui.adaptCancelButton.enabled = False
+    row.addWidget(ui.adaptButton)
+    row.addWidget(ui.adaptCancelButton)
+    form.addRow(row)
+    ui.adaptProgressBar = qt.QProgressBar()
+    form.addRow(ui.adaptProgressBar)
+    ui.adaptReport = qt.QLabel(_("Stock model in use."))
+    ui.adaptReport.wordWrap = True
+    form.addRow(_("Model:"), ui.adaptReport)
+    row = qt.QHBoxLayout()
+    ui.stockModelButton = qt.QPushButton(_("Use stock model"))
+    ui.stockModelButton.toolTip = _("Back to the model as shipped, for every prompt and job.")
+    ui.saveAdapterButton = qt.QPushButton(_("Save adapter..."))
+    ui.saveAdapterButton.toolTip = _("Save the adapted decoder (a signed file) for the next scan of the same kind.")
+    ui.loadAdapterButton = qt.QPushButton(_("Load adapter..."))
+    ui.loadAdapterButton.toolTip = _("Use a saved adapter for the selected segment (same model; signed on this machine "
+                                     "or with the site's key).")
+    ui.stockModelButton.enabled = ui.saveAdapterButton.enabled = False  # until an adapter is in use
+    for button in (ui.stockModelButton, ui.saveAdapterButton, ui.loadAdapterButton):
+        row.addWidget(button)
+    form.addRow(row)
 
     ui.statusLabel = qt.QLabel(_("Select a volume, press Start, then place a box (two clicks: opposite corners) "
                                  "on a slice view."))

@@ -69,7 +69,9 @@ class AdaptSettings:
     ``check_steps`` optimiser steps on the training slices come before the held-back check;
     ``final_steps`` more on every accepted slice follow when the adapted decoder is kept. Each step
     decodes ``prompts_per_slice`` augmented boxes on each slice (one forward and backward pass
-    each). ``min_gain``: how much the held-back Dice must improve for the adapted decoder to be kept.
+    each). ``min_gain``: how much the held-back Dice must improve for the adapted decoder to be kept;
+    ``mirror_min_gain`` replaces it with one accepted slice, whose mirror image is weaker evidence
+    than another slice (a near tie there came with losses elsewhere in the volume).
     """
 
     check_steps: int = 10
@@ -77,6 +79,7 @@ class AdaptSettings:
     prompts_per_slice: int = 2
     learning_rate: float = 3e-4
     min_gain: float = 0.0
+    mirror_min_gain: float = 0.01
     seed: int = 0
 
     def check(self) -> None:
@@ -90,9 +93,11 @@ class AdaptSettings:
                 and 0.0 < self.learning_rate <= 0.1):
             raise SAMSegmentError(f"Adaptation learning rate {self.learning_rate!r} is not in (0, 0.1]",
                                   "give e.g. 3e-4")
-        if not (isinstance(self.min_gain, (int, float)) and np.isfinite(self.min_gain) and -1.0 <= self.min_gain <= 1.0):
-            raise SAMSegmentError(f"Adaptation min_gain {self.min_gain!r} is not a Dice difference in [-1, 1]",
-                                  "give e.g. 0 (keep only what does better on the held-back slice)")
+        for name in ("min_gain", "mirror_min_gain"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and np.isfinite(value) and -1.0 <= value <= 1.0):
+                raise SAMSegmentError(f"Adaptation {name} {value!r} is not a Dice difference in [-1, 1]",
+                                      "give e.g. 0 (keep only what does better on the held-back slice)")
 
 
 @dataclass(frozen=True)
@@ -146,6 +151,21 @@ class DecoderAdapter:
     report: dict[str, Any] = field(default_factory=dict)
     _modules: dict[int, tuple[Any, Any]] = field(default_factory=dict, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _digest: str = field(default="", repr=False, compare=False)
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the model's weights digest and the tensors: names this adapter's decoder (its
+        ONNX graphs are cached under it)."""
+        if not self._digest:
+            h = hashlib.sha256(self.model_sha256.encode("ascii"))
+            for name in sorted(self.tensors):
+                arr = np.ascontiguousarray(self.tensors[name], dtype="<f4")
+                h.update(name.encode("utf-8"))
+                h.update(str(arr.shape).encode("ascii"))
+                h.update(arr.tobytes())
+            self._digest = h.hexdigest()
+        return self._digest
 
     def matches(self, backend: SamBackend) -> bool:
         """Whether this adapter was trained from ``backend``'s model (id and weights)."""
@@ -582,9 +602,16 @@ def adapt(session: SegmentationSession, axis: int, accepted: Mapping[int, np.nda
     stock = session.worker.call(lambda: held_back_dice(backend, check_sample, None, settings.seed), PRIORITY_PROPAGATION)
     tuned = session.worker.call(lambda: held_back_dice(backend, check_sample, trainer.decoder, settings.seed),
                                 PRIORITY_PROPAGATION)
-    kept = tuned > stock + settings.min_gain
-    if kept and settings.final_steps:
-        run_steps(settings.final_steps, [samples[i] for i in order], "training on every accepted slice")
+    kept = tuned > stock + (settings.min_gain if held is not None else settings.mirror_min_gain)
+    adapter = None
+    if kept:
+        if settings.final_steps:
+            run_steps(settings.final_steps, [samples[i] for i in order], "training on every accepted slice")
+        adapter = DecoderAdapter(backend.spec.id, backend.model_sha256, trainer.tensors(), structure)
+        if progress is not None:
+            progress(total, total, "preparing the adapted decoder")
+        # its ONNX graphs (where the decoder runs in ONNX Runtime), so that no decode waits for them
+        session.worker.call(lambda: backend.prepare_adapter(adapter), PRIORITY_PROPAGATION)
     seconds = time.perf_counter() - started
     report = AdaptationReport(kept, axis, tuple(order), held_name, round(stock, 4), round(tuned, 4), steps,
                               round(seconds, 3), round(step_seconds / max(1, steps), 4),
@@ -592,8 +619,7 @@ def adapt(session: SegmentationSession, axis: int, accepted: Mapping[int, np.nda
     if progress is not None:
         progress(total, total, report.summary())
     log.info("adaptation %s (%d steps, %.1f s)", report.summary(), steps, seconds)
-    if not kept:
-        return report, None
-    adapter = DecoderAdapter(backend.spec.id, backend.model_sha256, trainer.tensors(), structure, report.as_json())
+    if adapter is not None:
+        adapter.report = report.as_json()
     return report, adapter
 

@@ -15,6 +15,7 @@ sends them through eager PyTorch in batches otherwise.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -45,6 +46,11 @@ FEATURES_CACHE_SLICES = 2
 # batches were slower per prompt (bench/everything.py).
 EAGER_BATCH_GPU, EAGER_BATCH_CPU = 64, 1
 DECODE_PATHS = ("auto", "onnx", "eager")
+# Adapted decoders: their ONNX graphs live in this sub-folder of the graph cache; this many adapters'
+# graphs stay loaded, and this many graph folders stay on disk (the oldest go).
+ADAPTER_GRAPH_FOLDER = "adapters"
+ADAPTER_GRAPHS_KEPT = 2
+ADAPTER_GRAPHS_ON_DISK = 8
 
 
 @dataclass
@@ -114,6 +120,10 @@ class SamBackend:
         self._features_eager: Any = None
         self._features: OrderedDict[Hashable, tuple[np.ndarray, ...]] = OrderedDict()
         self._features_lock = threading.Lock()
+        # ONNX graphs of adapted decoders (``prepare_adapter``), by adapter digest; None: that adapter
+        # decodes in eager PyTorch (no decoder graph, or its export failed)
+        self._adapter_graphs: OrderedDict[str, dict[str, Any] | None] = OrderedDict()
+        self._adapter_export_lock = threading.Lock()
 
     @classmethod
     def from_model_id(cls, model_id: str, checkpoint: str | Path | None = None, device: str | None = None,
@@ -328,6 +338,12 @@ class SamBackend:
             raise SAMSegmentError(f"Unknown decode path {path!r}", f"use one of {', '.join(DECODE_PATHS)}")
         prompts = self._model_prompts(geom, points, labels, boxes, mask_input)
         if adapter is not None:
+            graphs = None if path == "eager" else self.prepare_adapter(adapter)
+            if graphs is not None:
+                key = None if features_key is None else (adapter.digest, features_key)
+                out = self._decode_onnx(graphs["decoder"], embedding, prompts, multimask, key, graphs["features"])
+                if out is not None:
+                    return out
             return self._decode_eager(embedding, prompts, multimask, eager_batch or self.eager_batch_size,
                                       adapter.modules(self))
         graph = None if path == "eager" else self._graph("decoder")
@@ -336,6 +352,63 @@ class SamBackend:
             if out is not None:
                 return out
         return self._decode_eager(embedding, prompts, multimask, eager_batch or self.eager_batch_size)
+
+    def prepare_adapter(self, adapter: DecoderAdapter) -> dict[str, Any] | None:
+        """The ONNX graphs of an adapted decoder, exported (once per adapter, kept in the graph cache's
+        ``adapters`` folder) when the stock decoder runs in ONNX Runtime.
+
+        Sessions call this when an adapter comes into use, so the first decode does not wait for the
+        export. Never raises: without a decoder graph, or when the export fails (a warning), the
+        adapter decodes in eager PyTorch.
+
+        Returns:
+            {"features": graph, "decoder": graph} ("features" None for decoders without the split), or None.
+        """
+        digest = adapter.digest
+        with self._runtime_lock:
+            if digest in self._adapter_graphs:
+                self._adapter_graphs.move_to_end(digest)
+                return self._adapter_graphs[digest]
+        with self._adapter_export_lock:  # one export at a time; a second caller finds its result
+            with self._runtime_lock:
+                if digest in self._adapter_graphs:
+                    return self._adapter_graphs[digest]
+            return self._prepare_adapter(adapter, digest)
+
+    def _prepare_adapter(self, adapter: DecoderAdapter, digest: str) -> dict[str, Any] | None:
+        graphs = None
+        if self._graph("decoder") is not None and (not self._decoder_split or "features" in self._graphs):
+            try:
+                graphs = self._export_adapter(adapter)
+            except Exception as exc:  # noqa: BLE001 - any failure means eager, never a crash
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                log.warning("adapted decoder: ONNX Runtime not used (%s: %s); decoding it in PyTorch",
+                            exc.__class__.__name__, first)
+                self._runtime_notes.append(f"adapted decoder: {exc.__class__.__name__}: {first}")
+        with self._runtime_lock:
+            self._adapter_graphs[digest] = graphs
+            while len(self._adapter_graphs) > ADAPTER_GRAPHS_KEPT:
+                self._adapter_graphs.popitem(last=False)
+        return graphs
+
+    def _export_adapter(self, adapter: DecoderAdapter) -> dict[str, Any]:
+        from types import SimpleNamespace
+
+        from . import onnx_cache
+        from .sam_graphs import export_recipe
+
+        cache_dir = (self.onnx_cache_dir or onnx_cache.default_cache_dir()) / ADAPTER_GRAPH_FOLDER
+        pe, md = adapter.modules(self)
+        net = SimpleNamespace(prompt_encoder=pe, mask_decoder=md, image_encoder=None)
+        graphs: dict[str, Any] = {"features": None}
+        for part in (("features", "decoder") if self._decoder_split else ("decoder",)):
+            signature = onnx_cache.export_signature(self.spec.id, self.spec.architecture, self.spec.image_size, part,
+                                                    adapter.digest)
+            recipe = export_recipe(part, net, self.spec.image_size, self._decoder_split)
+            graphs[part] = onnx_cache.load_or_export(part, signature, cache_dir, recipe)
+            os.utime(graphs[part].path.parent)  # used now: the newest for prune_oldest
+        onnx_cache.prune_oldest(cache_dir, ADAPTER_GRAPHS_ON_DISK)
+        return graphs
 
     def decode(self, embedding: Any, geom: SliceGeometry, points: np.ndarray | None = None,
                labels: np.ndarray | None = None, box: np.ndarray | None = None, mask_input: Any = None,
@@ -433,9 +506,10 @@ class SamBackend:
         return torch.cat(lows), torch.cat(ious)
 
     def _decode_onnx(self, graph: Any, embedding: Any, p: _ModelPrompts, multimask: bool,
-                     features_key: Hashable | None) -> tuple[Any, Any] | None:
+                     features_key: Hashable | None, features_graph: Any = None) -> tuple[Any, Any] | None:
         """``decode_batch`` through the decoder graph, one prompt set per run; None for the rare
-        prompts it does not cover (eager PyTorch decodes those)."""
+        prompts it does not cover (eager PyTorch decodes those). ``features_graph``: the features
+        graph belonging to ``graph`` when it is not the stock one (an adapted decoder's)."""
         import torch
 
         from .sam_graphs import FEATURES_OUTPUTS, prompt_tokens
@@ -456,7 +530,7 @@ class SamBackend:
         lows, ious = [], []
         try:
             if self._decoder_split:  # the slice's features in; only the masks asked for come out
-                shared = dict(zip(FEATURES_OUTPUTS, self._slice_features(embedding, features_key)))
+                shared = dict(zip(FEATURES_OUTPUTS, self._slice_features(embedding, features_key, features_graph)))
                 shared["mask_index"] = np.arange(int(self.net.mask_decoder.num_mask_tokens), dtype=np.int64)[wanted]
             else:  # the embedding in; every mask comes out
                 shared = {"image_embeddings": embedding.detach().to("cpu", torch.float32).contiguous().numpy()}
@@ -466,6 +540,9 @@ class SamBackend:
                 lows.append(masks if self._decoder_split else masks[:, wanted])
                 ious.append(iou[:, wanted])
         except Exception as exc:  # noqa: BLE001
+            if features_graph is not None:  # an adapted decoder's graph: that adapter goes eager
+                log.warning("adapted decoder graph failed (%s: %s); decoding it in PyTorch", exc.__class__.__name__, exc)
+                return None
             self._fall_back("decoder", f"inference failed: {exc.__class__.__name__}: {exc}")
             return None
         if len(lows) == 1:
@@ -479,9 +556,10 @@ class SamBackend:
             self._features_eager = slice_features_module(self.net.prompt_encoder, self.net.mask_decoder)
         return self._features_eager
 
-    def _slice_features(self, embedding: Any, key: Hashable | None) -> tuple[np.ndarray, ...]:
+    def _slice_features(self, embedding: Any, key: Hashable | None, graph: Any = None) -> tuple[np.ndarray, ...]:
         """The decoder graph's per-slice inputs for ``embedding``: from the small cache under ``key``,
-        else computed (features graph, or PyTorch when it could not be loaded) and kept there."""
+        else computed (``graph``, an adapted decoder's features graph; else the stock features graph,
+        or PyTorch when it could not be loaded) and kept there."""
         import torch
 
         if key is not None:
@@ -491,7 +569,7 @@ class SamBackend:
                     self._features.move_to_end(key)
                     return found
         emb = embedding.detach().to("cpu", torch.float32).contiguous()
-        graph = self._graphs.get("features")
+        graph = graph if graph is not None else self._graphs.get("features")
         if graph is not None:
             features = tuple(graph.run({"image_embeddings": emb.numpy()}))
         else:

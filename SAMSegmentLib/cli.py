@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import CancelledError, ImageIOError, PromptError, SAMSegmentError
+from .errors import CancelledError, CheckpointError, ImageIOError, PromptError, SAMSegmentError
 
 log = logging.getLogger("samsegment")
 
@@ -185,6 +185,10 @@ def _serve_options(g: Any) -> None:
     g.add_argument("--encode-workers", type=int, default=1,
                    help="encoders per client session running ahead of a propagation's decode chain (default 1; "
                         "more on a machine with cores or GPUs to spare)")
+    g.add_argument("--adapter-key", default=None, metavar="FILE",
+                   help="the key that signs and verifies adapter files (adaptation to accepted slices); give every "
+                        "server and workstation of a site the same file to share adapters (default: "
+                        "$SAMSEGMENT_ADAPTER_KEY, else a key made for this user)")
     g.add_argument("--ray", action="store_true",
                    help="serve on Ray Serve: --replicas copies of the server behind one address, a volume's requests "
                         "routed to the replica holding it (pip install samsegment[cluster])")
@@ -795,7 +799,6 @@ def _check_adaptation(args: argparse.Namespace) -> Any:
         whose own key verifies it); None without ``--adapter``.
     """
     from .adaptation import MAGIC, DecoderAdapter
-    from .errors import CheckpointError
 
     if args.adapt and not args.anchor_mask:
         raise PromptError("--adapt needs --anchor-mask: it trains on the slices you accepted, and none are given",
@@ -985,6 +988,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SAMSegmentError(f"--encode-workers must be from 1 to 64, got {args.encode_workers}",
                               "give 1, or the number of encoders to run side by side")
     checkpoints = _serve_checkpoints(args)
+    if args.adapter_key:  # checked now; the replicas (Ray's too) read it from the environment
+        from .adaptation import KEY_ENV, signing_key
+
+        key_path = Path(args.adapter_key).expanduser().resolve()
+        if not key_path.is_file():
+            raise CheckpointError(f"--adapter-key {args.adapter_key} is not a file",
+                                  "give the site's adapter key file (at least 32 bytes; any long random text)")
+        signing_key(key_path, create=False)
+        os.environ[KEY_ENV] = str(key_path)
     if args.ray:
         return _serve_on_ray(args, limits, checkpoints)
     serve(args.host, args.port, token_file=args.token_file, no_auth=args.no_auth, ssl_certfile=args.ssl_certfile,

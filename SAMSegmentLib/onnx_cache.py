@@ -338,6 +338,15 @@ def _prune_stale(folder: Path, signature: dict[str, Any]) -> None:
             shutil.rmtree(other, ignore_errors=True)
 
 
+def prune_oldest(cache_dir: str | Path, keep: int) -> None:
+    """Keep only the ``keep`` most recently written or used graph folders directly under ``cache_dir``
+    (adapted decoders' graphs: one set per adapter, which would otherwise pile up)."""
+    folders = [f for f in Path(cache_dir).iterdir() if f.is_dir() and not f.name.startswith(".")]
+    folders.sort(key=lambda f: f.stat().st_mtime_ns, reverse=True)
+    for old in folders[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def _to_numpy(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):
         return x.detach().to("cpu").contiguous().numpy()

@@ -369,6 +369,8 @@ class SegmentationSession:
         """
         if adapter is not None:
             adapter.check_model(self.backend)
+            # its ONNX graphs now (where the decoder runs in ONNX Runtime), not at the first decode
+            self.worker.call(lambda: self.backend.prepare_adapter(adapter), PRIORITY_INTERACTIVE)
         with self._lock:
             self._adapter = adapter
 

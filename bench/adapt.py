@@ -84,7 +84,8 @@ def decode_timing(session: SegmentationSession, labels: np.ndarray, value: int, 
 
     session.use_stock_model()
     stock = per_decode()
-    session.adapt(0, {k: ref3[k]}, "timing", AdaptSettings(check_steps=1, final_steps=0, min_gain=-1.0))
+    session.adapt(0, {k: ref3[k]}, "timing", AdaptSettings(check_steps=1, final_steps=0, min_gain=-1.0,
+                                                           mirror_min_gain=-1.0))
     adapted = per_decode()
     session.use_stock_model()
     return {"decoder_runtime_stock": session.backend.runtime_info().get("decoder"), "decode_s_stock": round(stock, 4),

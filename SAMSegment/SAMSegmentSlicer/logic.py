@@ -17,10 +17,19 @@ Usable from Slicer's Python console without any widget::
     core.segment(view, Prompts(box=[40, 30, 90, 80]))
     core.accept()
     core.propagate("both")
+    core.adapt()                        # fine-tune the decoder to the accepted slices of this segment
+    core.save_adapter("/tmp/liver.samadapter")
+    core.use_stock_model()
 
 Requests that change the server session's state (volume, prompts, refinement, undo, reset, job
 starts) go through one ordered lane; a newer prompt replaces one still waiting. A job's progress is
 followed beside the lane, so the user can keep prompting while a propagation runs.
+
+Adaptation to accepted slices (``start_adaptation``) takes its place in the lane like a job start and
+then runs beside it: prompts are served meanwhile (with the model in use until the adapted one is
+kept), while what must see its outcome (a volume, job and task starts, "use stock model", adapter
+files) waits behind it in order. An adapter is for one structure of one scan: selecting another
+segment, volume or window returns to the stock model, with a status message saying so.
 """
 
 from __future__ import annotations
@@ -29,13 +38,15 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from SAMSegmentLib.client import (Flow, Operation, PropagationCollector, PropagationInterrupted, RemoteSession,
-                                  ServerError, ServerUnreachable)
-from SAMSegmentLib.errors import SAMSegmentError
+                                  ServerError, ServerTimeout, ServerUnreachable)
+from SAMSegmentLib.adaptation import MAGIC as ADAPTER_MAGIC, AdaptationReport, AdaptSettings
+from SAMSegmentLib.errors import CancelledError, SAMSegmentError
 from SAMSegmentLib.preprocessing import IntensityWindow
 from SAMSegmentLib.prompts import Prompts
 from SAMSegmentLib.propagation import PropagationResult, SliceOutcome, StopRules
@@ -53,6 +64,15 @@ log = logging.getLogger("SAMSegment")
 WINDOW_FROM_DISPLAY = "display"
 # A propagation interrupted by a local server that died is resumed at most this many times.
 MAX_RESUMES = 3
+# The suffix the module suggests for saved adapters.
+ADAPTER_SUFFIX = ".samadapter"
+# Adaptation trains on at most this many of a segment's slices (spread over them): each step decodes
+# every one twice, so the time grows with the count; 4 keeps an adaptation near the 3-slice figure
+# of bench/adapt.py on a laptop CPU (a propagated segment of 60 slices would take minutes per step).
+MAX_ADAPT_SLICES = 4
+# Lane requests that must see an adaptation's outcome: while one runs beside the lane they wait (in
+# order); prompts, look-ahead encodes and undo pass them. A volume waits too, and nothing passes it.
+AFTER_ADAPTATION = frozenset({"job", "task", "model", "adapt"})
 
 
 def window_from_display(volume_node) -> IntensityWindow | None:
@@ -115,6 +135,16 @@ class _LaneItem:
     done: Callable[[Any], None] | None = None
     failed: Callable[[BaseException], None] | None = None
     retried: bool = False
+    beside: bool = False  # started in order, then run beside the lane (an adaptation)
+
+
+def spread_slices(indices: list[int], limit: int) -> list[int]:
+    """At most ``limit`` of the sorted ``indices``, evenly spread and keeping both ends."""
+    indices = sorted(indices)
+    if len(indices) <= limit:
+        return indices
+    picks = np.unique(np.round(np.linspace(0, len(indices) - 1, max(1, limit))).astype(int))
+    return [indices[i] for i in picks]
 
 
 class SAMSegmentCore:
@@ -164,6 +194,16 @@ class SAMSegmentCore:
         self._shown_generation = 0
         self._result: tuple[int, ViewSlice, Any, Prompts | None] | None = None
         self._jobs: list[PropagationJob] = []
+        # adaptation to accepted slices (see the module docstring)
+        self.adaptation_settings: AdaptSettings | None = None  # None: the engine's defaults
+        self.adaptation_report: AdaptationReport | None = None  # of the last finished adaptation
+        self.adapter_segment: str | None = None  # the segment the adapter in use belongs to; None: stock
+        self.adapter_origin = ""  # what the adapter in use is ("adapted to slices 4, 8, 12", "loaded from ...")
+        self._adapter_file: bytes | None = None  # its signed file (Save writes it; a reopened session gets it back)
+        self.adaptation_status = "The stock model is in use."
+        self.on_status: Callable[[str], None] | None = None  # status lines the GUI did not ask for
+        self._adaptation: BackgroundTask | None = None  # queued or running
+        self._after: tuple[Operation, Any, Any] | None = None  # the side entry of a running adaptation
 
     # ---------------------------------------------------------------- server
     def use_link(self, link: Any) -> None:
@@ -185,6 +225,10 @@ class SAMSegmentCore:
         self._disconnect()
 
     def _disconnect(self) -> None:
+        self._cancel_adaptation()
+        if self.adapter_segment is not None:
+            self._forget_adapter("The server or model changed: the stock model is in use again (an adapter belongs to "
+                                 "the model and the server session it was made in).")
         self.cancel_requests()
         for item in list(self._lane):
             if item.failed is not None:
@@ -246,11 +290,41 @@ class SAMSegmentCore:
 
     # ---------------------------------------------------------------- the request lane
     def _enqueue(self, kind: str, make: Callable[[], Flow], done: Callable[[Any], None] | None = None,
-                 failed: Callable[[BaseException], None] | None = None, replace: bool = False) -> None:
+                 failed: Callable[[BaseException], None] | None = None, replace: bool = False,
+                 beside: bool = False) -> None:
         if replace:  # a newer prompt supersedes one still waiting
             self._lane = deque(item for item in self._lane if item.kind != kind)
-        self._lane.append(_LaneItem(kind, make, done, failed))
+        self._lane.append(_LaneItem(kind, make, done, failed, beside=beside))
         self._pump()
+
+    def _next_item(self) -> _LaneItem | None:
+        """The next lane request that may start: the first, unless an adaptation runs beside the lane;
+        then requests that must see its outcome wait in order and the others pass them."""
+        for position, item in enumerate(self._lane):
+            if self._after is not None and (item.kind == "volume" or item.kind in AFTER_ADAPTATION):
+                if item.kind == "volume":
+                    return None  # nothing may reach the server session before the volume
+                continue
+            del self._lane[position]
+            return item
+        return None
+
+    def _start_beside(self, item: _LaneItem, op: Operation) -> None:
+        """Run ``item``'s operation beside the lane; ``AFTER_ADAPTATION`` requests wait until it ends."""
+        def done(value: Any) -> None:
+            self._after = None
+            if item.done is not None:
+                item.done(value)
+
+        def failed(exc: BaseException) -> None:
+            self._after = None
+            if item.failed is not None:
+                item.failed(exc)
+            else:
+                self._report(exc)
+
+        self._after = (op, done, failed)
+        self._side.append(self._after)
 
     def _pump(self) -> None:
         """Advance the connection, the lane and the side operations (never blocks for long)."""
@@ -264,10 +338,14 @@ class SAMSegmentCore:
             self._queue_volume()
         while True:
             if self._active is None:
-                if not self._lane:
+                item = self._next_item()
+                if item is None:
                     break
-                item = self._lane.popleft()
-                self._active = (item, self.session.operation(item.make()))
+                op = self.session.operation(item.make())
+                if item.beside:
+                    self._start_beside(item, op)
+                    continue
+                self._active = (item, op)
             item, op = self._active
             if not op.poll():
                 break
@@ -344,6 +422,7 @@ class SAMSegmentCore:
                                                              f"{volume_node.GetName()} segmentation")
             segmentation_node.CreateDefaultDisplayNodes()
         changed_volume = volume_node is not self.volume_node or window != self._window_request
+        structure = (self.segmentation_node, self.segment_id)
         if self.writer is not None and (self.writer.segmentation_node is not segmentation_node
                                         or self.writer.volume_node is not volume_node
                                         or (sink is not None and sink is not self.writer.sink)):
@@ -365,8 +444,15 @@ class SAMSegmentCore:
             self.cancel_requests()
             self.current, self.current_view, self.current_prompts = None, None, None
             self._volume_sent = False
+            self._cancel_adaptation("the volume changed")
+            if self.adapter_segment is not None:
+                # the volume's new server session decodes with the stock model
+                self._forget_adapter("A new volume (or window): the stock model is in use again (an adapter belongs "
+                                     "to the scan and structure it was made for).")
             if self.link is not None:
                 self._queue_volume()
+        elif (self.segmentation_node, self.segment_id) != structure:
+            self._structure_changed()
         return self.segment_id
 
     def _queue_volume(self) -> None:
@@ -379,21 +465,42 @@ class SAMSegmentCore:
         array = slicer.util.arrayFromVolume(self.volume_node)  # a view: copied in steps while uploading
         self._volume_sent = True
 
-        def sent(win: IntensityWindow) -> None:
-            self.window = win
+        def send() -> Flow:
+            # the same volume sent again (new settings, a restarted server): the adapter in use goes back in
+            held = self._adapter_file if self.adapter_in_use else None
+            win = yield from self.session.set_volume_flow(array, window)
+            refused = None
+            if held is not None:
+                try:
+                    yield from self.session.load_adapter_file_bytes_flow(held, source="The adapter in use")
+                except (ServerUnreachable, ServerTimeout):
+                    raise  # sent again once the server is back
+                except SAMSegmentError as exc:
+                    refused = exc
+            return win, refused
+
+        def sent(result: tuple[IntensityWindow, BaseException | None]) -> None:
+            self.window, refused = result
+            if self.adapter_in_use and not self.session.adapter_in_use:
+                why = f" ({refused})" if refused is not None else ""
+                self._forget_adapter(f"The server session was opened again{why}: the stock model is in use. Load the "
+                                     "saved adapter, or adapt again.")
 
         def failed(exc: BaseException) -> None:
             self._volume_sent = False
             self._report(exc)
 
-        self._lane.appendleft(_LaneItem("volume", lambda: self.session.set_volume_flow(array, window), sent, failed))
+        self._lane.appendleft(_LaneItem("volume", send, sent, failed))
 
     def set_segment(self, segment_id: str) -> None:
         if self.segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
             raise SAMSegmentError(f"Segment '{segment_id}' does not exist", "pick a segment of the segmentation")
+        changed = segment_id != self.segment_id
         self.segment_id = segment_id
         if self.preview is not None:
             self.preview.set_color(tuple(self.segmentation_node.GetSegmentation().GetSegment(segment_id).GetColor()))
+        if changed:
+            self._structure_changed()
 
     def _require(self) -> None:
         if self.volume_node is None or self.writer is None:
@@ -796,14 +903,269 @@ class SAMSegmentCore:
     def run_task(self, name: str, make: Callable[..., Flow], finish: Callable[[Any], Any],
                  timeout: float = 600.0) -> Any:
         """Blocking variant for the console and tests."""
-        task = self.start_task(name, make, finish)
+        return self.wait_task(self.start_task(name, make, finish), timeout)
+
+    def wait_task(self, task: BackgroundTask, timeout: float = 600.0) -> Any:
+        """Poll ``task`` to its end (blocking); its ``finish``'s output, or its error raised."""
         deadline = time.monotonic() + timeout
         while not self.poll_task(task):
             if time.monotonic() > deadline:
                 task.cancel.cancel()
-                raise SAMSegmentError(f"{name} did not finish in time", "check the server and its log")
+                raise SAMSegmentError(f"{task.name} did not finish in time", "check the server and its log")
             time.sleep(0.01)
         return task.output
+
+    # ---------------------------------------------------------------- adaptation to accepted slices
+    @property
+    def adapter_in_use(self) -> bool:
+        """An adapted decoder (made here or loaded) decodes this segment's prompts and jobs."""
+        return self.adapter_segment is not None
+
+    @property
+    def adapting(self) -> bool:
+        """An adaptation is queued or running."""
+        return self._adaptation is not None and not self._adaptation.ended
+
+    def _note(self, text: str) -> None:
+        """A status line of the adaptation section; also handed to ``on_status`` (the panel's status)."""
+        self.adaptation_status = text
+        if self.on_status is not None:
+            self.on_status(text)
+
+    def start_adaptation(self, axis: int | None = None, settings: AdaptSettings | None = None,
+                         max_slices: int = MAX_ADAPT_SLICES) -> BackgroundTask:
+        """Adapt the model's mask decoder to the accepted slices of the target segment, on the server.
+
+        The slices are the segment's non-empty slices along ``axis`` (None: the axis of the view
+        prompted last), at most ``max_slices`` of them spread over the structure. The server keeps
+        the adapted decoder only when it does better on a held-back slice; from then on every decode
+        of this session (prompts, propagation, everything mode, uncertainty) goes through it, until
+        another segment, volume or window is selected or ``use_stock_model`` is called. An adapter is
+        for one structure. ``settings``: the training settings (None: ``adaptation_settings``, else
+        the engine's defaults). Poll the returned task (``poll_task``); its ``progress`` follows the
+        training and ``cancel`` stops it (the model in use stays). ``adaptation_report`` and
+        ``adaptation_status`` hold the outcome.
+        """
+        self._require()
+        if self.adapting:
+            raise SAMSegmentError("An adaptation is already running", "wait for it to finish, or cancel it")
+        if any(job.running for job in self._jobs):
+            raise SAMSegmentError("A propagation is running; its slices would change what the model adapts to",
+                                  "wait for the propagation to finish (or cancel it), then adapt")
+        settings = settings if settings is not None else self.adaptation_settings
+        if settings is not None:
+            settings.check()
+        if axis is None:
+            axis = self.current_view.axis if self.current_view is not None else 0
+        structure, segment_id = self.segment_name(), self.segment_id
+        anchors = self.anchors(axis)
+        if not anchors:
+            raise SAMSegmentError(f"Segment '{structure}' has no accepted slice along this view's axis",
+                                  "accept the mask on 2-3 slices spread over the structure, then adapt")
+        chosen = spread_slices(list(anchors), max_slices)
+        accepted = {index: anchors[index] for index in chosen}
+        previous = self.adapter_origin if self.adapter_in_use else ""
+
+        def finish(report: AdaptationReport) -> AdaptationReport:
+            return report
+
+        task = BackgroundTask("adaptation", finish)
+        self._adaptation = task
+
+        def progress(done: int, total: int, message: str) -> None:
+            task.progress = (done, total, message)
+
+        def make() -> Flow:
+            if task.cancel.cancelled:  # cancelled while waiting in the lane: the server never hears of it
+                raise CancelledError("The adaptation was cancelled")
+            session = self.session
+            report = yield from session.adapt_flow(axis, accepted, structure=structure, settings=settings,
+                                                   progress=progress, cancel=task.cancel)
+            data = (yield from session.adapter_file_bytes_flow()) if report.kept else None
+            return report, data
+
+        def done(outcome: tuple[AdaptationReport, bytes | None]) -> None:
+            report, data = outcome
+            task.result, task.ended = report, True
+            if task.cancel.cancelled:  # finished just as it was cancelled or superseded: the user's word stands
+                task.error = CancelledError("The adaptation was cancelled")
+                if report.kept:
+                    self._enqueue("model", lambda: self.session.use_stock_model_flow())
+                    if self.adapter_in_use:
+                        self._forget_adapter("Adaptation cancelled: the stock model is in use.")
+                return
+            self.adaptation_report = report
+            line = report.summary()
+            if report.kept:
+                self.adapter_segment, self._adapter_file = segment_id, data
+                self.adapter_origin = f"adapted to slices {', '.join(str(i) for i in report.slices)}"
+                self._note(f"Adaptation {line}. '{structure}' is now segmented with the adapted model (prompts, "
+                           f"propagation, everything mode); it is for this structure only.")
+            elif previous:
+                self._note(f"Adaptation {line.replace('(the stock model stays)', '(the adapter in use stays)')}.")
+            else:
+                self._note(f"Adaptation {line}.")
+
+        def failed(exc: BaseException) -> None:
+            task.error, task.ended = exc, True
+            if isinstance(exc, CancelledError) or task.cancel.cancelled:
+                self._note(f"Adaptation cancelled: {'the adapter in use' if self.adapter_in_use else 'the stock model'}"
+                           " stays.")
+                return
+            if self._server_lost(exc):
+                self._note("The server was lost during the adaptation; adapt again once it is back.")
+                return
+            self._note(f"Adaptation failed: {exc}")
+
+        note = f"{len(chosen)} of {len(anchors)} slices" if len(chosen) < len(anchors) else f"{len(chosen)} slices"
+        self._note(f"Adapting the model to '{structure}' ({note}: {', '.join(str(i) for i in chosen)})...")
+        self._enqueue("adapt", make, done, failed, beside=True)
+        return task
+
+    def adapt(self, axis: int | None = None, settings: AdaptSettings | None = None,
+              timeout: float = 600.0) -> AdaptationReport:
+        """``start_adaptation`` run to its end (the console, tests); the report."""
+        return self.wait_task(self.start_adaptation(axis, settings), timeout)
+
+    def _cancel_adaptation(self, why: str = "") -> None:
+        """Cancel a queued or running adaptation (its outcome is not used)."""
+        if self.adapting:
+            self._adaptation.cancel.cancel()
+            if why:
+                self._note(f"Adaptation cancelled: {why}.")
+
+    def _forget_adapter(self, message: str) -> None:
+        """The adapter is no longer in use (the server session changed); say so."""
+        self.adapter_segment, self.adapter_origin, self._adapter_file = None, "", None
+        self.adaptation_report = None
+        self._note(message)
+
+    def _structure_changed(self) -> None:
+        """Another segment (structure) was selected: an adapter of the previous one is not used for it."""
+        self._cancel_adaptation("another segment was selected")
+        if self.adapter_segment is not None and self.adapter_segment != self.segment_id:
+            self.use_stock_model(f"Segment '{self.segment_name()}' selected: back to the stock model (an adapter is "
+                                 "made for one structure; save it before switching to reuse it later).")
+
+    def use_stock_model(self, message: str | None = None) -> None:
+        """Decode with the stock model again (in order with the other requests; ``poll()`` sends it).
+        A queued or running adaptation is cancelled."""
+        self._cancel_adaptation()
+        in_use = self.adapter_in_use or (self.session is not None and self.session.adapter_in_use)
+        self.adapter_segment, self.adapter_origin, self._adapter_file = None, "", None
+        if in_use and self.link is not None:
+            self._enqueue("model", lambda: self.session.use_stock_model_flow())
+        self._note(message or "The stock model is in use.")
+
+    def start_save_adapter(self, path: str | Path, overwrite: bool = False) -> BackgroundTask:
+        """Write the adapter in use to ``path`` as a signed adapter file (``ADAPTER_SUFFIX``), atomically.
+
+        An existing file is replaced only with ``overwrite`` (the module asks the user first). Poll the
+        task; its ``output`` is the path written."""
+        self._require()
+        if self.adapting:
+            raise SAMSegmentError("An adaptation is running", "wait for it to finish, then save its adapter")
+        if not self.adapter_in_use:
+            raise SAMSegmentError("No adapter is in use (the stock model is)",
+                                  "adapt to accepted slices, or load an adapter, first")
+        target = Path(path).expanduser()
+        self._check_target(target, overwrite)
+
+        def write(data: bytes | None) -> Path:
+            from SAMSegmentLib.files import atomic_write_bytes
+
+            if not data:
+                raise SAMSegmentError("The server has no adapter in use (it restarted, or the model was reset)",
+                                      "adapt again, or load a saved adapter")
+            self._check_target(target, overwrite)
+            atomic_write_bytes(target, bytes(data), "the adapter")
+            self._note(f"Adapter saved to {target} ({len(data) / 1e6:.1f} MB, signed; it loads on this machine or "
+                       "where the same adapter key is used).")
+            return target
+
+        def fetch(progress: Any, cancel: Any) -> Flow:
+            if self._adapter_file is not None:  # the signed file as the server sent it
+                return self._adapter_file
+            return (yield from self.session.adapter_file_bytes_flow())
+
+        return self.start_task("saving the adapter", fetch, write)
+
+    @staticmethod
+    def _check_target(target: Path, overwrite: bool) -> None:
+        if target.is_dir():
+            raise SAMSegmentError(f"{target} is a folder", f"give a file name, e.g. liver{ADAPTER_SUFFIX}")
+        if target.exists() and not overwrite:
+            raise SAMSegmentError(f"{target} exists; it is not replaced without asking",
+                                  "choose another name, or confirm that it is to be replaced")
+
+    def save_adapter(self, path: str | Path, overwrite: bool = False, timeout: float = 120.0) -> Path:
+        """``start_save_adapter`` run to its end (the console, tests)."""
+        return self.wait_task(self.start_save_adapter(path, overwrite), timeout)
+
+    def start_load_adapter(self, path: str | Path) -> BackgroundTask:
+        """Use the adapter saved in ``path`` for the target segment (the server checks its signature
+        and that it belongs to the model in use). Poll the task; its ``output`` is the server's
+        ``{"structure", "report"}`` of the adapter."""
+        self._require()
+        if self.adapting:
+            raise SAMSegmentError("An adaptation is running", "wait for it to finish (or cancel it), then load")
+        source = Path(path).expanduser()
+        if not source.is_file():
+            raise SAMSegmentError(f"Adapter file {source} not found",
+                                  f"give a file saved with Save adapter (*{ADAPTER_SUFFIX})")
+        try:
+            data = source.read_bytes()
+        except OSError as exc:
+            raise SAMSegmentError(f"Cannot read adapter file {source}: {exc.strerror or exc}",
+                                  "check the path and its permissions") from exc
+        if not data.startswith(ADAPTER_MAGIC):
+            raise SAMSegmentError(f"{source} is not a SAMSegment adapter file",
+                                  f"give a file saved with Save adapter (*{ADAPTER_SUFFIX})")
+        segment_id, inputs = self.segment_id, (self.volume_node, self.segmentation_node)
+
+        def loaded(info: dict[str, Any]) -> dict[str, Any]:
+            return info
+
+        task = BackgroundTask("loading the adapter", loaded)
+
+        def done(info: dict[str, Any]) -> None:
+            task.result, task.ended = info, True
+            if segment_id != self.segment_id or inputs != (self.volume_node, self.segmentation_node):
+                self._enqueue("model", lambda: self.session.use_stock_model_flow())  # selected meanwhile: not for it
+                task.error = SAMSegmentError("Another segment or volume was selected while the adapter loaded; the "
+                                             "stock model stays", "load it again for the structure it was made for")
+                return
+            made_for = (info or {}).get("structure")
+            report = (info or {}).get("report") or {}
+            self.adapter_segment, self.adapter_origin = segment_id, f"loaded from {source.name}"
+            self._adapter_file = data
+            try:
+                self.adaptation_report = AdaptationReport.from_json(report) if report else None
+            except (TypeError, ValueError):
+                self.adaptation_report = None
+            name = self.segment_name()
+            other = f" (made for '{made_for}')" if made_for and made_for != name else ""
+            self._note(f"Adapter {source.name}{other} in use for '{name}'"
+                       + (f"; when made: {report['summary']}" if isinstance(report.get("summary"), str) else "") + ".")
+
+        def failed(exc: BaseException) -> None:
+            task.error, task.ended = exc, True
+            self._note(f"The adapter was not loaded: {exc}")
+
+        self._enqueue("task", lambda: self.session.load_adapter_file_bytes_flow(data, source=str(source)), done, failed)
+        return task
+
+    def load_adapter(self, path: str | Path, timeout: float = 120.0) -> dict[str, Any]:
+        """``start_load_adapter`` run to its end (the console, tests)."""
+        return self.wait_task(self.start_load_adapter(path), timeout)
+
+    def describe_adapter(self) -> str:
+        """One line for the panel: which model decodes the target segment."""
+        if not self.adapter_in_use:
+            return "Stock model in use."
+        report = self.adaptation_report
+        summary = f": {report.summary()}" if report is not None and report.kept else ""
+        return f"Adapted model in use for this segment ({self.adapter_origin}){summary}."
 
     # ---------------------------------------------------------------- lifecycle
     def close(self) -> None:
@@ -811,6 +1173,7 @@ class SAMSegmentCore:
         and remove the preview."""
         for job in self._jobs:
             job.cancel.cancel()
+        self._cancel_adaptation()
         self.cancel_requests()
         if self.session is not None and self._connected and self.session.session_id is not None:
             try:
@@ -829,10 +1192,14 @@ class SAMSegmentCore:
         Nothing is written afterwards: a cancelled propagation's remaining slices and a task's
         ``finish`` are dropped instead of landing in the next scene. The server connection stays.
         """
-        for work in running:
+        for work in (*running, self._adaptation):
             if work is not None:
                 work.cancel.cancel()
                 work.finished = True
+        self._adaptation = None
+        self.adapter_segment, self.adapter_origin, self.adaptation_report = None, "", None
+        self._adapter_file = None
+        self.adaptation_status = "The stock model is in use."
         for job in self._jobs:
             job.cancel.cancel()
             job.slices.clear()

@@ -19,7 +19,7 @@ from SAMSegmentLib.prompts import Prompts
 from SAMSegmentLib.volume import SliceRef
 from SAMSegmentLib.worker import CancelToken
 
-QUICK = AdaptSettings(check_steps=2, final_steps=1, min_gain=-1.0)  # always kept: for the plumbing tests
+QUICK = AdaptSettings(check_steps=2, final_steps=1, min_gain=-1.0, mirror_min_gain=-1.0)  # always kept: for the plumbing tests
 
 
 @pytest.fixture(autouse=True)
@@ -137,7 +137,8 @@ def test_tensors_of_another_layout_refused(backend):
 @pytest.mark.parametrize("settings, words", [
     (AdaptSettings(check_steps=0), "check_steps"), (AdaptSettings(final_steps=-1), "final_steps"),
     (AdaptSettings(prompts_per_slice=1.5), "prompts_per_slice"), (AdaptSettings(learning_rate=float("nan")), "learning rate"),
-    (AdaptSettings(learning_rate=1.0), "learning rate"), (AdaptSettings(min_gain=float("inf")), "min_gain")])
+    (AdaptSettings(learning_rate=1.0), "learning rate"), (AdaptSettings(min_gain=float("inf")), "min_gain"),
+    (AdaptSettings(mirror_min_gain=2.0), "mirror_min_gain")])
 def test_bad_settings_refused(settings, words):
     with pytest.raises(SAMSegmentError, match=words):
         settings.check()
@@ -213,24 +214,67 @@ def test_saved_adapter_gives_the_same_masks_in_a_new_session(phantom_session, ph
 
 
 @pytest.mark.slow
-def test_adapter_decodes_eager_the_same_under_every_runtime(ph, eager_backend, onnx_backend):
-    """ONNX graphs hold the stock weights: with an adapter the decoder runs in PyTorch, whichever runtime."""
+def test_adapted_decoder_runs_in_onnx_runtime_with_the_eager_masks(ph, eager_backend, onnx_backend, onnx_dir):
+    """Where the stock decoder runs in ONNX Runtime, an adapter gets graphs of its own (exported when it
+    comes into use, cached under adapters/): the same masks as eager PyTorch, none of the stock graphs'."""
     from SAMSegmentLib.session import SegmentationSession
 
-    masks = []
     slices = _phantom_slices(ph, 2)
-    adapter = None
+    ref = SliceRef(0, slices[0] + 1)
+    box = Prompts(box=mask_bbox(ph.mask[ref.index]))
+    logits, adapter = [], None
     for backend in (eager_backend, onnx_backend):
         with SegmentationSession(model=backend) as s:
             s.set_volume(ph.volume)
+            stock = s.decode(ref, box).logits
             if adapter is None:
                 s.adapt(0, _accepted(ph, slices), "ph", QUICK)
                 adapter = s.adapter
             else:
                 s.use_adapter(adapter)
-            ref = SliceRef(0, slices[0] + 1)
-            masks.append(s.decode(ref, Prompts(box=mask_bbox(ph.mask[ref.index]))).logits)
-    assert np.allclose(masks[0], masks[1], atol=1e-3)
+            logits.append(s.decode(ref, box).logits)
+            assert not np.allclose(logits[-1], stock, atol=1e-3)
+    assert eager_backend.prepare_adapter(adapter) is None  # eager: nothing to export
+    graphs = onnx_backend.prepare_adapter(adapter)
+    assert graphs is not None and graphs["decoder"].path.parent.parent == onnx_dir / "adapters"
+    assert graphs["decoder"].signature["weights_sha256"] == adapter.digest
+    assert np.abs(logits[0] - logits[1]).max() < 1e-2 and np.array_equal(logits[0] > 0, logits[1] > 0)
+
+
+def test_adapted_graphs_on_disk_are_bounded(tmp_path):
+    from SAMSegmentLib.onnx_cache import prune_oldest
+
+    for i in range(5):
+        folder = tmp_path / f"litemedsam-decoder-{i}"
+        folder.mkdir()
+        os.utime(folder, (1000 + i, 1000 + i))
+    (tmp_path / ".litemedsam-decoder-tmp").mkdir()  # an export in progress is never touched
+    prune_oldest(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".litemedsam-decoder-tmp", "litemedsam-decoder-3",
+                                                         "litemedsam-decoder-4"]
+
+
+@pytest.mark.slow
+def test_an_adapter_whose_export_fails_decodes_in_pytorch(ph, onnx_backend, monkeypatch):
+    from SAMSegmentLib import onnx_cache
+    from SAMSegmentLib.session import SegmentationSession
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no space left for the graph")
+
+    slices = _phantom_slices(ph, 2)
+    with SegmentationSession(model=onnx_backend) as s:
+        s.set_volume(ph.volume)
+        _, adapter = adapt(s, 0, _accepted(ph, slices), "ph", AdaptSettings(check_steps=1, final_steps=0, min_gain=-1.0,
+                                                                          seed=5))
+        onnx_backend._adapter_graphs.pop(adapter.digest, None)
+        monkeypatch.setattr(onnx_cache, "load_or_export", broken)
+        s.use_adapter(adapter)
+        ref = SliceRef(0, slices[0] + 1)
+        mask = _box_mask(s, ref, ph.mask[ref.index])
+    assert onnx_backend.prepare_adapter(adapter) is None
+    assert any("adapted decoder: RuntimeError" in n for n in onnx_backend.runtime_info()["notes"])
+    assert mask.any()
 
 
 @pytest.mark.slow

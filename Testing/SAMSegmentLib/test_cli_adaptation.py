@@ -8,6 +8,7 @@ on a server. The adapter key lives in a temporary folder (``$SAMSEGMENT_ADAPTER_
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,9 @@ from SAMSegmentLib.adaptation import KEY_ENV, AdaptSettings, DecoderAdapter
 from SAMSegmentLib.cli import main
 
 BOX = ["10", "22", "39", "51"]  # the spleen on slice 2 of the crop
-KEPT = AdaptSettings(check_steps=2, final_steps=1, learning_rate=1e-3, min_gain=-1.0)  # kept whatever the check says
-NEVER = AdaptSettings(check_steps=1, final_steps=1, min_gain=1.0)  # a Dice gain above 1: never kept
+KEPT = AdaptSettings(check_steps=2, final_steps=1, learning_rate=1e-3, min_gain=-1.0,
+                      mirror_min_gain=-1.0)  # kept whatever the check says
+NEVER = AdaptSettings(check_steps=1, final_steps=1, min_gain=1.0, mirror_min_gain=1.0)  # a Dice gain above 1: never kept
 
 
 @pytest.fixture(autouse=True)
@@ -216,3 +218,15 @@ def test_ctrl_c_during_the_adaptation_exits_130_and_writes_nothing(finishes, cro
     assert code == 130 and fake.cancel.cancelled
     assert "interrupted during the adaptation; nothing was written" in err
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("content, message", [(None, "is not a file"), (b"short", "at least 32")])
+def test_serve_refuses_an_adapter_key_that_cannot_sign(content, message, tmp_path, capsys, no_model, monkeypatch):
+    """``serve --adapter-key FILE``: checked before the server starts (nothing listens, no model loads)."""
+    monkeypatch.delenv("SAMSEGMENT_ADAPTER_KEY", raising=False)
+    key = tmp_path / "site.key"
+    if content is not None:
+        key.write_bytes(content)
+    code, _, err = run(["serve", "--port", "0", "--adapter-key", key], capsys)
+    assert code == 2 and message in err and "what to do:" in err
+    assert "SAMSEGMENT_ADAPTER_KEY" not in os.environ

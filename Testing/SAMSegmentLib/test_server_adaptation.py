@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ACCEPTED = (5, 6, 7)  # slice 6 is held back
 PROBES = (3, 4, 8)  # slices decoded to compare the models
 # small and forced: two steps, one more on every slice, kept whatever the held-back check says
-KEPT = AdaptSettings(check_steps=2, final_steps=1, learning_rate=1e-3, min_gain=-1.0)
+KEPT = AdaptSettings(check_steps=2, final_steps=1, learning_rate=1e-3, min_gain=-1.0, mirror_min_gain=-1.0)
 
 
 def http(method: str, url: str, data: bytes | None = None, json: object = None, timeout: float = 60.0):
