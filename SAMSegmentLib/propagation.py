@@ -112,6 +112,18 @@ class PromptPolicy:
     trim_below: float = 0.8
     trim_opening: bool = True
     trim_keep_previous: float = 0.7
+    # A mask that keeps less than rescue_below of the previous mask's area is decoded again from
+    # looser boxes (the previous mask's box + each of rescue_paddings, as ``paddings``): on thick
+    # slices a structure moves or widens by more than the pixel or two of slack in the tight and
+    # loose boxes, and the model then cuts it at the box edge (the CT right kidney). The looser
+    # mask closest to the previous one (Dice) replaces it when it is closer than the cut mask,
+    # keeps at most rescue_max_growth of the previous area (not a neighbour taken in) and agrees
+    # with the anchor's intensities within rescue_agreement_slack of the cut mask (the structure
+    # continues; a true end keeps the small mask). rescue_below 0 disables.
+    rescue_below: float = 0.6
+    rescue_paddings: tuple[tuple[float, float], ...] = ((4.0, 0.0), (5.0, 0.0))
+    rescue_max_growth: float = 1.15
+    rescue_agreement_slack: float = 0.05
 
     def calibrate(self, decode: Callable[[Prompts], Prediction], anchor_mask: np.ndarray) -> float:
         """How much of the anchor's area the tight-box loop keeps on the anchor's own slice.
@@ -703,6 +715,10 @@ class _Propagation:
             return self._clip_prediction(pred)
 
         name, pred = front.predict(decode, self.policy)
+        if self.policy.rescue_below > 0:
+            rescued = self._rescue(front, pred, decode, lambda: self.session.slice_image(ref))
+            if rescued is not None:
+                pred, name = rescued, name + " (cut short: rescued with a looser box)"
         overlap = iou(front.mask, pred.mask)
         reason = front.stop_reason(pred, overlap, self.rules, lambda: self.session.slice_image(ref))
         if reason is not None:
@@ -718,6 +734,31 @@ class _Propagation:
         self.result.outcomes[nxt] = outcome
         front.advance(nxt, pred)
         return PropagatedSlice(nxt, pred.mask, outcome)
+
+    def _rescue(self, front: _Front, pred: Prediction, decode: Decode,
+                image: Callable[[], np.ndarray]) -> Prediction | None:
+        """The mask of a looser box when ``pred`` shrank below ``policy.rescue_below`` of the previous
+        area and the looser one continues the previous mask better (see ``PromptPolicy.rescue_below``),
+        else None."""
+        policy = self.policy
+        previous = int(np.count_nonzero(front.mask))
+        if pred.area == 0 or pred.area >= policy.rescue_below * previous:
+            return None
+        best, best_dice = None, dice(front.mask, pred.mask)
+        for _, prompts, _ in dataclasses.replace(policy, paddings=policy.rescue_paddings).candidates(front.mask, None):
+            candidate = policy.threshold(decode(prompts))
+            if not candidate.area or candidate.area > policy.rescue_max_growth * previous:
+                continue
+            d = dice(front.mask, candidate.mask)
+            if d > best_dice:
+                best, best_dice = candidate, d
+        if best is None:
+            return None
+        slice_image = image()
+        if intensity_agreement(slice_image, best.mask, front.intensity_range) < \
+                intensity_agreement(slice_image, pred.mask, front.intensity_range) - policy.rescue_agreement_slack:
+            return None
+        return best
 
     def _guide(self, index: int) -> np.ndarray | None:
         """The box for slice ``index`` interpolated between the nearest drawn boxes below and above
