@@ -117,13 +117,16 @@ class PromptPolicy:
     # slices a structure moves or widens by more than the pixel or two of slack in the tight and
     # loose boxes, and the model then cuts it at the box edge (the CT right kidney). The looser
     # mask closest to the previous one (Dice) replaces it when it is closer than the cut mask,
-    # keeps at most rescue_max_growth of the previous area (not a neighbour taken in) and agrees
-    # with the anchor's intensities within rescue_agreement_slack of the cut mask (the structure
-    # continues; a true end keeps the small mask). rescue_below 0 disables.
+    # keeps at most rescue_max_growth of the previous area (not a neighbour taken in), agrees with
+    # the anchor's intensities within rescue_agreement_slack of the cut mask, and the pixels it adds
+    # lie at least rescue_added_agreement in the anchor's range: the tissue goes on past the cut,
+    # whereas at a structure's true end the shrinking mask's surroundings are partial volume or
+    # another tissue, and the small mask is kept. rescue_below 0 disables.
     rescue_below: float = 0.6
     rescue_paddings: tuple[tuple[float, float], ...] = ((4.0, 0.0), (5.0, 0.0))
     rescue_max_growth: float = 1.15
     rescue_agreement_slack: float = 0.05
+    rescue_added_agreement: float = 0.85
 
     def calibrate(self, decode: Callable[[Prompts], Prediction], anchor_mask: np.ndarray) -> float:
         """How much of the anchor's area the tight-box loop keeps on the anchor's own slice.
@@ -757,6 +760,9 @@ class _Propagation:
         slice_image = image()
         if intensity_agreement(slice_image, best.mask, front.intensity_range) < \
                 intensity_agreement(slice_image, pred.mask, front.intensity_range) - policy.rescue_agreement_slack:
+            return None
+        added = best.mask & ~pred.mask
+        if intensity_agreement(slice_image, added, front.intensity_range) < policy.rescue_added_agreement:
             return None
         return best
 
