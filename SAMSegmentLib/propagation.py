@@ -112,6 +112,15 @@ class PromptPolicy:
     trim_below: float = 0.8
     trim_opening: bool = True
     trim_keep_previous: float = 0.7
+    # End of a structure from its area trend and the intensity model together: a front whose area
+    # was already falling (the previous slice kept less than end_shrinking_below of the one before)
+    # stops where the mask had to be trimmed to the anchor's intensities and kept less than
+    # end_trimmed_below of the previous area: past a tapering end the box catches the neighbours,
+    # and what is left of their pixels in range is a rim of partial volume, not the structure.
+    # Neither sign alone: a tube (the aorta) is trimmed at an even area, and a tapering end that
+    # stays in range is the structure. end_trimmed_below 0 disables.
+    end_trimmed_below: float = 0.5
+    end_shrinking_below: float = 0.8
     # A mask that keeps less than rescue_below of the previous mask's area is decoded again from
     # looser boxes (the previous mask's box + each of rescue_paddings, as ``paddings``): on thick
     # slices a structure moves or widens by more than the pixel or two of slack in the tight and
@@ -444,6 +453,7 @@ class _Front:
         self.tight_leads = False  # default policy: the tight track is the one written
         self.safe_mask: np.ndarray | None = None  # the loose track's previous mask while the tight one leads
         self.stopped: RunStop | None = None
+        self.areas = [int(np.count_nonzero(mask))]  # of the slices decided so far, from the anchor
 
     @property
     def planned(self) -> int:
@@ -510,8 +520,16 @@ class _Front:
             return StopReason.INTENSITY
         return None
 
+    def ending(self, trimmed_area: int, policy: PromptPolicy) -> bool:
+        """Whether a mask trimmed to ``trimmed_area`` ends this front (see ``PromptPolicy.end_trimmed_below``)."""
+        if policy.end_trimmed_below <= 0 or len(self.areas) < 2:
+            return False
+        before, previous = self.areas[-2:]
+        return trimmed_area < policy.end_trimmed_below * previous and previous < policy.end_shrinking_below * before
+
     def advance(self, index: int, pred: Prediction) -> None:
         self.index, self.mask, self.low_res = index, pred.mask, pred.low_res_logits
+        self.areas.append(int(np.count_nonzero(pred.mask)))
 
 
 class _Encodes:
@@ -729,6 +747,8 @@ class _Propagation:
         if self.policy.trim_below > 0:
             trimmed = _trim(self.session.slice_image(ref), pred.mask, front.intensity_range, front.mask, self.policy)
             if trimmed is not None:
+                if front.ending(int(trimmed.sum()), self.policy):
+                    return self._stop(front, StopReason.INTENSITY, nxt)
                 pred, name = dataclasses.replace(pred, mask=trimmed), name + " (trimmed to the anchor's intensities)"
                 overlap = iou(front.mask, pred.mask)
         outcome = SliceOutcome(nxt, front.index, front.step, pred.score, pred.area, overlap, name)
