@@ -449,3 +449,30 @@ def test_thick_ct_right_kidney_cut_short_is_rescued(session):
         assert default.outcomes[i].area <= PromptPolicy.rescue_max_growth * previous.sum()
         assert default.outcomes[i].area > without.outcomes[i].area
     assert dice(default.to_volume(vol.shape, {k: a}), ref) > dice(without.to_volume(vol.shape, {k: a}), ref) + 0.03
+
+
+@pytest.mark.slow  # encodes 7 MR slices, two propagations
+@pytest.mark.skipif(not SHARED.exists(), reason="the shared MR sample (../shared/data) is not beside the checkout")
+def test_thick_mr_right_kidney_ends_where_the_trimmed_mask_collapses(session):
+    """Issue 15: on the MR right kidney taken every 3rd slice, the slice past the kidney's end gets a
+    box around neighbouring tissue that the trim cuts to a rim; with the area already falling, the
+    front stops there (``PromptPolicy.end_trimmed_below``) instead of writing that rim."""
+    import json
+
+    from SAMSegmentLib import io as sio
+
+    vol, _ = sio.read_volume(SHARED / "image.nii.gz")
+    labels, _ = sio.read_volume(SHARED / "labels.nii.gz")
+    value = int({v: k for k, v in json.loads((SHARED / "labels.json").read_text()).items()}["kidney_right"])
+    vol, ref = np.ascontiguousarray(vol[::3]), np.ascontiguousarray(labels[::3] == value)
+    session.set_volume(vol)
+    k = int(ref.sum(axis=(1, 2)).argmax())
+    last = int(np.nonzero(ref.any(axis=(1, 2)))[0][-1])
+    a = anchor_mask(session, ref, k)
+    default = propagate(session, 0, {k: a})
+    without = propagate(session, 0, {k: a}, policy=PromptPolicy(end_trimmed_below=0.0))
+    assert max(without.masks) > last and "trimmed" in without.outcomes[max(without.masks)].candidate
+    up = next(s for s in default.stops if s.direction == 1)
+    assert up.reason == StopReason.INTENSITY and up.last_index == last
+    assert all(default.outcomes[i].candidate == without.outcomes[i].candidate for i in default.masks)
+    assert dice(default.to_volume(vol.shape, {k: a}), ref) > dice(without.to_volume(vol.shape, {k: a}), ref)
