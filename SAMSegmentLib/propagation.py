@@ -112,6 +112,30 @@ class PromptPolicy:
     trim_below: float = 0.8
     trim_opening: bool = True
     trim_keep_previous: float = 0.7
+    # End of a structure from its area trend and the intensity model together: a front whose area
+    # was already falling (the previous slice kept less than end_shrinking_below of the one before)
+    # stops where the mask had to be trimmed to the anchor's intensities and kept less than
+    # end_trimmed_below of the previous area: past a tapering end the box catches the neighbours,
+    # and what is left of their pixels in range is a rim of partial volume, not the structure.
+    # Neither sign alone: a tube (the aorta) is trimmed at an even area, and a tapering end that
+    # stays in range is the structure. end_trimmed_below 0 disables.
+    end_trimmed_below: float = 0.5
+    end_shrinking_below: float = 0.8
+    # A mask that keeps less than rescue_below of the previous mask's area is decoded again from
+    # looser boxes (the previous mask's box + each of rescue_paddings, as ``paddings``): on thick
+    # slices a structure moves or widens by more than the pixel or two of slack in the tight and
+    # loose boxes, and the model then cuts it at the box edge (the CT right kidney). The looser
+    # mask closest to the previous one (Dice) replaces it when it is closer than the cut mask,
+    # keeps at most rescue_max_growth of the previous area (not a neighbour taken in), agrees with
+    # the anchor's intensities within rescue_agreement_slack of the cut mask, and the pixels it adds
+    # lie at least rescue_added_agreement in the anchor's range: the tissue goes on past the cut,
+    # whereas at a structure's true end the shrinking mask's surroundings are partial volume or
+    # another tissue, and the small mask is kept. rescue_below 0 disables.
+    rescue_below: float = 0.6
+    rescue_paddings: tuple[tuple[float, float], ...] = ((4.0, 0.0), (5.0, 0.0))
+    rescue_max_growth: float = 1.15
+    rescue_agreement_slack: float = 0.05
+    rescue_added_agreement: float = 0.85
 
     def calibrate(self, decode: Callable[[Prompts], Prediction], anchor_mask: np.ndarray) -> float:
         """How much of the anchor's area the tight-box loop keeps on the anchor's own slice.
@@ -429,6 +453,7 @@ class _Front:
         self.tight_leads = False  # default policy: the tight track is the one written
         self.safe_mask: np.ndarray | None = None  # the loose track's previous mask while the tight one leads
         self.stopped: RunStop | None = None
+        self.areas = [int(np.count_nonzero(mask))]  # of the slices decided so far, from the anchor
 
     @property
     def planned(self) -> int:
@@ -495,8 +520,16 @@ class _Front:
             return StopReason.INTENSITY
         return None
 
+    def ending(self, trimmed_area: int, policy: PromptPolicy) -> bool:
+        """Whether a mask trimmed to ``trimmed_area`` ends this front (see ``PromptPolicy.end_trimmed_below``)."""
+        if policy.end_trimmed_below <= 0 or len(self.areas) < 2:
+            return False
+        before, previous = self.areas[-2:]
+        return trimmed_area < policy.end_trimmed_below * previous and previous < policy.end_shrinking_below * before
+
     def advance(self, index: int, pred: Prediction) -> None:
         self.index, self.mask, self.low_res = index, pred.mask, pred.low_res_logits
+        self.areas.append(int(np.count_nonzero(pred.mask)))
 
 
 class _Encodes:
@@ -703,6 +736,10 @@ class _Propagation:
             return self._clip_prediction(pred)
 
         name, pred = front.predict(decode, self.policy)
+        if self.policy.rescue_below > 0:
+            rescued = self._rescue(front, pred, decode, lambda: self.session.slice_image(ref))
+            if rescued is not None:
+                pred, name = rescued, name + " (cut short: rescued with a looser box)"
         overlap = iou(front.mask, pred.mask)
         reason = front.stop_reason(pred, overlap, self.rules, lambda: self.session.slice_image(ref))
         if reason is not None:
@@ -710,6 +747,8 @@ class _Propagation:
         if self.policy.trim_below > 0:
             trimmed = _trim(self.session.slice_image(ref), pred.mask, front.intensity_range, front.mask, self.policy)
             if trimmed is not None:
+                if front.ending(int(trimmed.sum()), self.policy):
+                    return self._stop(front, StopReason.INTENSITY, nxt)
                 pred, name = dataclasses.replace(pred, mask=trimmed), name + " (trimmed to the anchor's intensities)"
                 overlap = iou(front.mask, pred.mask)
         outcome = SliceOutcome(nxt, front.index, front.step, pred.score, pred.area, overlap, name)
@@ -718,6 +757,34 @@ class _Propagation:
         self.result.outcomes[nxt] = outcome
         front.advance(nxt, pred)
         return PropagatedSlice(nxt, pred.mask, outcome)
+
+    def _rescue(self, front: _Front, pred: Prediction, decode: Decode,
+                image: Callable[[], np.ndarray]) -> Prediction | None:
+        """The mask of a looser box when ``pred`` shrank below ``policy.rescue_below`` of the previous
+        area and the looser one continues the previous mask better (see ``PromptPolicy.rescue_below``),
+        else None."""
+        policy = self.policy
+        previous = int(np.count_nonzero(front.mask))
+        if pred.area == 0 or pred.area >= policy.rescue_below * previous:
+            return None
+        best, best_dice = None, dice(front.mask, pred.mask)
+        for _, prompts, _ in dataclasses.replace(policy, paddings=policy.rescue_paddings).candidates(front.mask, None):
+            candidate = policy.threshold(decode(prompts))
+            if not candidate.area or candidate.area > policy.rescue_max_growth * previous:
+                continue
+            d = dice(front.mask, candidate.mask)
+            if d > best_dice:
+                best, best_dice = candidate, d
+        if best is None:
+            return None
+        slice_image = image()
+        if intensity_agreement(slice_image, best.mask, front.intensity_range) < \
+                intensity_agreement(slice_image, pred.mask, front.intensity_range) - policy.rescue_agreement_slack:
+            return None
+        added = best.mask & ~pred.mask
+        if intensity_agreement(slice_image, added, front.intensity_range) < policy.rescue_added_agreement:
+            return None
+        return best
 
     def _guide(self, index: int) -> np.ndarray | None:
         """The box for slice ``index`` interpolated between the nearest drawn boxes below and above

@@ -417,3 +417,62 @@ def test_thick_mr_liver_leak_is_trimmed(session):
     assert dice(default.to_volume(vol.shape, {k: a}), ref) > 0.8
     assert dice(untrimmed.to_volume(vol.shape, {k: a}), ref) < 0.75
     assert any("trimmed" in o.candidate for o in default.outcomes.values())
+
+
+SHARED_CT = SHARED.parent / "ct-abdomen-3mm"
+
+
+@pytest.mark.slow  # encodes 15 CT slices, two propagations
+@pytest.mark.skipif(not SHARED_CT.exists(), reason="the shared CT sample (../shared/data) is not beside the checkout")
+def test_thick_ct_right_kidney_cut_short_is_rescued(session):
+    """Issue 15: on the CT right kidney taken every 2nd slice, the +3 px box from the anchor cuts
+    the next slice's kidney to half its area; the looser box (``PromptPolicy.rescue_below``) keeps it
+    whole, and no rescued mask grows past ``rescue_max_growth`` of its previous slice."""
+    import json
+
+    from SAMSegmentLib import io as sio
+
+    vol, _ = sio.read_volume(SHARED_CT / "image.nii.gz")
+    labels, _ = sio.read_volume(SHARED_CT / "labels.nii.gz")
+    value = int({v: k for k, v in json.loads((SHARED_CT / "labels.json").read_text()).items()}["kidney_right"])
+    vol, ref = np.ascontiguousarray(vol[::2]), np.ascontiguousarray(labels[::2] == value)
+    session.set_volume(vol)
+    k = int(ref.sum(axis=(1, 2)).argmax())
+    a = anchor_mask(session, ref, k)
+    default = propagate(session, 0, {k: a})
+    without = propagate(session, 0, {k: a}, policy=PromptPolicy(rescue_below=0.0))
+    assert not any("rescued" in o.candidate for o in without.outcomes.values())
+    rescued = [i for i, o in default.outcomes.items() if "rescued" in o.candidate]
+    assert rescued
+    for i in rescued:
+        previous = default.masks.get(default.outcomes[i].from_index, a)
+        assert default.outcomes[i].area <= PromptPolicy.rescue_max_growth * previous.sum()
+        assert default.outcomes[i].area > without.outcomes[i].area
+    assert dice(default.to_volume(vol.shape, {k: a}), ref) > dice(without.to_volume(vol.shape, {k: a}), ref) + 0.03
+
+
+@pytest.mark.slow  # encodes 7 MR slices, two propagations
+@pytest.mark.skipif(not SHARED.exists(), reason="the shared MR sample (../shared/data) is not beside the checkout")
+def test_thick_mr_right_kidney_ends_where_the_trimmed_mask_collapses(session):
+    """Issue 15: on the MR right kidney taken every 3rd slice, the slice past the kidney's end gets a
+    box around neighbouring tissue that the trim cuts to a rim; with the area already falling, the
+    front stops there (``PromptPolicy.end_trimmed_below``) instead of writing that rim."""
+    import json
+
+    from SAMSegmentLib import io as sio
+
+    vol, _ = sio.read_volume(SHARED / "image.nii.gz")
+    labels, _ = sio.read_volume(SHARED / "labels.nii.gz")
+    value = int({v: k for k, v in json.loads((SHARED / "labels.json").read_text()).items()}["kidney_right"])
+    vol, ref = np.ascontiguousarray(vol[::3]), np.ascontiguousarray(labels[::3] == value)
+    session.set_volume(vol)
+    k = int(ref.sum(axis=(1, 2)).argmax())
+    last = int(np.nonzero(ref.any(axis=(1, 2)))[0][-1])
+    a = anchor_mask(session, ref, k)
+    default = propagate(session, 0, {k: a})
+    without = propagate(session, 0, {k: a}, policy=PromptPolicy(end_trimmed_below=0.0))
+    assert max(without.masks) > last and "trimmed" in without.outcomes[max(without.masks)].candidate
+    up = next(s for s in default.stops if s.direction == 1)
+    assert up.reason == StopReason.INTENSITY and up.last_index == last
+    assert all(default.outcomes[i].candidate == without.outcomes[i].candidate for i in default.masks)
+    assert dice(default.to_volume(vol.shape, {k: a}), ref) > dice(without.to_volume(vol.shape, {k: a}), ref)
