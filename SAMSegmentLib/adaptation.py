@@ -286,14 +286,29 @@ class DecoderAdapter:
     def load(cls, path: str | Path, key: bytes | None = None) -> DecoderAdapter:
         """Read and verify a signed adapter file (``from_bytes``); ``key`` None: ``signing_key()``."""
         path = Path(path).expanduser()
-        if not path.is_file():
-            raise CheckpointError(f"Adapter file {path} not found", "give the path of a file saved with --save-adapter")
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise CheckpointError(f"Cannot read adapter file {path}: {exc.strerror or exc}",
-                                  "check the path and its permissions") from exc
-        return cls.from_bytes(data, key if key is not None else signing_key(), f"Adapter file {path}")
+        return cls.from_bytes(read_adapter_file(path), key if key is not None else signing_key(), f"Adapter file {path}")
+
+
+def read_adapter_file(path: str | Path) -> bytes:
+    """The bytes of an adapter file, after checking that it exists, is readable and starts like one
+    (not yet verified: ``DecoderAdapter.from_bytes`` does that, or the server with its key).
+
+    Raises:
+        CheckpointError: no such file, unreadable, or not an adapter file.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"Adapter file {path} not found",
+                              "give the path of a file saved with --save-adapter or the module's Save adapter")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"Cannot read adapter file {path}: {exc.strerror or exc}",
+                              "check the path and its permissions") from exc
+    if not data.startswith(MAGIC):
+        raise CheckpointError(f"Adapter file {path} is not a SAMSegment adapter file",
+                              "give a file written by --save-adapter or the module's Save adapter")
+    return data
 
 
 def _canonical(header: Mapping[str, Any]) -> bytes:

@@ -798,7 +798,7 @@ def _check_adaptation(args: argparse.Namespace) -> Any:
         ``DecoderAdapter`` of the command's model (in-process), or the file's bytes (``--server``,
         whose own key verifies it); None without ``--adapter``.
     """
-    from .adaptation import MAGIC, DecoderAdapter
+    from .adaptation import DecoderAdapter, read_adapter_file
 
     if args.adapt and not args.anchor_mask:
         raise PromptError("--adapt needs --anchor-mask: it trains on the slices you accepted, and none are given",
@@ -815,17 +815,7 @@ def _check_adaptation(args: argparse.Namespace) -> Any:
         return None
     path = Path(args.adapter).expanduser()
     if getattr(args, "server", None):  # the server verifies it with its own key and its model
-        if not path.is_file():
-            raise CheckpointError(f"Adapter file {path} not found", "give the path of a file saved with --save-adapter")
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise CheckpointError(f"Cannot read adapter file {path}: {exc.strerror or exc}",
-                                  "check the path and its permissions") from exc
-        if not data.startswith(MAGIC):
-            raise CheckpointError(f"Adapter file {path} is not a SAMSegment adapter file",
-                                  "give a file written by --save-adapter or the module's Save")
-        return data
+        return read_adapter_file(path)
     from .model_registry import get_spec
 
     adapter = DecoderAdapter.load(path)
@@ -841,6 +831,7 @@ def _check_adapter_output(args: argparse.Namespace) -> None:
     (with --overwrite) replacing only an adapter file."""
     from . import io as sio
     from .adaptation import MAGIC
+    from .files import starts_with
 
     path = Path(args.save_adapter).expanduser()
     if path.is_dir():
@@ -856,12 +847,7 @@ def _check_adapter_output(args: argparse.Namespace) -> None:
         if not args.overwrite:
             raise ImageIOError(f"--save-adapter {args.save_adapter} already exists",
                                "pass --overwrite or choose another name")
-        try:
-            with open(path, "rb") as handle:
-                is_adapter = handle.read(len(MAGIC)) == MAGIC
-        except OSError:
-            is_adapter = False
-        if not is_adapter:
+        if not starts_with(path, MAGIC):
             raise ImageIOError(f"--save-adapter {args.save_adapter} exists and is not an adapter file; it is not "
                                "replaced, even with --overwrite", "choose another name for the adapter")
 

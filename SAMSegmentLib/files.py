@@ -183,6 +183,16 @@ def atomic_path(path: str | Path, suffix: str = ".tmp", shareable: bool = False,
             pass
 
 
+def starts_with(path: str | Path, magic: bytes) -> bool:
+    """Whether the file at ``path`` begins with ``magic`` (False when it cannot be read): what an
+    output may replace with --overwrite is only a file of its own kind."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(len(magic)) == magic
+    except OSError:
+        return False
+
+
 def atomic_write_bytes(path: str | Path, data: bytes, what: str = "") -> None:
     """Write ``data`` to ``path`` atomically (see ``atomic_path``), with the usual permissions; the
     file is read back before it replaces ``path``."""

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from .errors import ImageIOError, VolumeError
-from .files import IMAGE_EXTENSIONS, WriteError, atomic_path, free_space_note, image_suffix, make_folder
+from .files import IMAGE_EXTENSIONS, WriteError, atomic_path, free_space_note, image_suffix, make_folder, starts_with
 from .volume import SliceRef, get_slice, validate_volume
 
 log = logging.getLogger(__name__)
@@ -659,12 +659,7 @@ def check_png_path(path: str | Path, overwrite: bool = False, source_paths: Iter
     if path.exists():
         if not overwrite:
             raise ImageIOError(f"{path} exists", "pass --overwrite or choose another name")
-        try:
-            with open(path, "rb") as f:
-                is_png = f.read(len(_PNG_MAGIC)) == _PNG_MAGIC
-        except OSError:
-            is_png = False
-        if not is_png:
+        if not starts_with(path, _PNG_MAGIC):
             raise ImageIOError(f"{path} exists and is not a PNG picture; it is not replaced, even with --overwrite",
                                "choose another name for the overlay")
     make_folder(path.parent, writable=True)

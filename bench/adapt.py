@@ -138,11 +138,14 @@ def main() -> None:
     parser.add_argument("--anchors", type=int, nargs="+", default=[3, 1], choices=[1, 3])
     parser.add_argument("--samples", nargs="+", default=None, help="sample folders (or their prefix: ct, mr)")
     parser.add_argument("--structures", nargs="+", default=None, help="only these structures")
+    parser.add_argument("--check-steps", type=int, default=None, help="AdaptSettings.check_steps (default: the engine's)")
+    parser.add_argument("--final-steps", type=int, default=None, help="AdaptSettings.final_steps (default: the engine's)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--main-only", action="store_true")
     group.add_argument("--held-out-only", action="store_true")
     args = parser.parse_args()
-    settings = AdaptSettings()
+    overrides = {k: v for k, v in (("check_steps", args.check_steps), ("final_steps", args.final_steps)) if v is not None}
+    settings = AdaptSettings(**overrides)
     report: dict = {"model": args.model, "settings": settings.__dict__, "rows": [], "summary": {}}
     timing_done = False
     for name, tuned in DEFAULTS.items():

@@ -45,7 +45,7 @@ import numpy as np
 
 from SAMSegmentLib.client import (Flow, Operation, PropagationCollector, PropagationInterrupted, RemoteSession,
                                   ServerError, ServerTimeout, ServerUnreachable)
-from SAMSegmentLib.adaptation import MAGIC as ADAPTER_MAGIC, AdaptationReport, AdaptSettings
+from SAMSegmentLib.adaptation import AdaptationReport, AdaptSettings, read_adapter_file
 from SAMSegmentLib.errors import CancelledError, SAMSegmentError
 from SAMSegmentLib.preprocessing import IntensityWindow
 from SAMSegmentLib.prompts import Prompts
@@ -1110,17 +1110,7 @@ class SAMSegmentCore:
         if self.adapting:
             raise SAMSegmentError("An adaptation is running", "wait for it to finish (or cancel it), then load")
         source = Path(path).expanduser()
-        if not source.is_file():
-            raise SAMSegmentError(f"Adapter file {source} not found",
-                                  f"give a file saved with Save adapter (*{ADAPTER_SUFFIX})")
-        try:
-            data = source.read_bytes()
-        except OSError as exc:
-            raise SAMSegmentError(f"Cannot read adapter file {source}: {exc.strerror or exc}",
-                                  "check the path and its permissions") from exc
-        if not data.startswith(ADAPTER_MAGIC):
-            raise SAMSegmentError(f"{source} is not a SAMSegment adapter file",
-                                  f"give a file saved with Save adapter (*{ADAPTER_SUFFIX})")
+        data = read_adapter_file(source)  # exists, readable, an adapter file; the server verifies the rest
         segment_id, inputs = self.segment_id, (self.volume_node, self.segmentation_node)
 
         def loaded(info: dict[str, Any]) -> dict[str, Any]:
