@@ -3,7 +3,8 @@
 The Medical SAM Adapter idea, sized for a laptop: the image encoder stays frozen (the cached
 embeddings stay valid and no encoder backward pass is needed), and the mask decoder's transformer,
 mask tokens, output upscaling and hypernetwork heads are fine-tuned on the accepted masks with
-prompt augmentation (boxes with jittered sides and padding, as propagation draws them). The prompt
+prompt augmentation (boxes with jittered sides and padding, as propagation draws them; optionally
+with an include and an exclude click, as a user refines a mask, ``AdaptSettings.click_prompts``). The prompt
 encoder and the IoU head are not trained.
 
 A held-back check decides whether the adapted weights are kept: with two or more accepted slices
@@ -68,10 +69,11 @@ class AdaptSettings:
 
     ``check_steps`` optimiser steps on the training slices come before the held-back check;
     ``final_steps`` more on every accepted slice follow when the adapted decoder is kept. Each step
-    decodes ``prompts_per_slice`` augmented boxes on each slice (one forward and backward pass
-    each). ``min_gain``: how much the held-back Dice must improve for the adapted decoder to be kept;
-    ``mirror_min_gain`` replaces it with one accepted slice, whose mirror image is weaker evidence
-    than another slice (a near tie there came with losses elsewhere in the volume).
+    decodes ``prompts_per_slice`` augmented boxes on each slice (with ``click_prompts``, all but one
+    with two clicks; one forward and backward pass each). ``min_gain``: how much the held-back Dice must
+    improve for the adapted decoder to be kept; ``mirror_min_gain`` replaces it with one accepted
+    slice, whose mirror image is weaker evidence than another slice (a near tie there came with
+    losses elsewhere in the volume).
     """
 
     check_steps: int = 10
@@ -81,6 +83,9 @@ class AdaptSettings:
     min_gain: float = 0.0
     mirror_min_gain: float = 0.01
     seed: int = 0
+    # Train on boxes with clicks too (``augmented_points``): off, as measured in bench/adapt.py (with
+    # one accepted slice it let a harmful adapter through the mirrored check: README).
+    click_prompts: bool = False
 
     def check(self) -> None:
         """Raise ``SAMSegmentError`` naming the first setting out of range."""
@@ -93,6 +98,9 @@ class AdaptSettings:
                 and 0.0 < self.learning_rate <= 0.1):
             raise SAMSegmentError(f"Adaptation learning rate {self.learning_rate!r} is not in (0, 0.1]",
                                   "give e.g. 3e-4")
+        if not isinstance(self.click_prompts, bool):
+            raise SAMSegmentError(f"Adaptation setting click_prompts={self.click_prompts!r} is not true or false",
+                                  "give click_prompts as true or false")
         for name in ("min_gain", "mirror_min_gain"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and np.isfinite(value) and -1.0 <= value <= 1.0):
@@ -426,6 +434,29 @@ def augmented_box(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return clip_box(box, *mask.shape)
 
 
+def augmented_points(mask: np.ndarray, box: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Two clicks as a user might place them with ``box``: an include point on the mask and an
+    exclude point inside the box off the mask (a second include point when the box holds nothing else).
+
+    Returns:
+        (2, 3) rows of (x, y, label), label 1 include, 0 exclude.
+    """
+    inside = np.argwhere(mask)
+    y, x = inside[rng.integers(len(inside))]
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    region = np.zeros_like(mask)
+    region[max(0, y0):y1 + 1, max(0, x0):x1 + 1] = True
+    outside = np.argwhere(region & ~mask)
+    if len(outside):
+        ny, nx = outside[rng.integers(len(outside))]
+        second = (nx, ny, 0)
+    else:  # the box lies within the structure: a second click on it, inside the box
+        within = np.argwhere(region & mask)
+        ny, nx = (within if len(within) else inside)[rng.integers(len(within) or len(inside))]
+        second = (nx, ny, 1)
+    return np.array([(x, y, 1), second], dtype=np.float64)
+
+
 def _loss(low_res: Any, sample: _Sample) -> Any:
     """Binary cross-entropy + soft Dice over the image part of the low-res grid."""
     import torch
@@ -458,24 +489,38 @@ class _Trainer:
             self.dense_pe = self.prompt_encoder.get_dense_pe().detach()
 
     def step(self, samples: list[_Sample]) -> float:
-        """One optimiser step over ``samples`` (``prompts_per_slice`` augmented boxes each)."""
+        """One optimiser step over ``samples``: on each, ``prompts_per_slice`` augmented boxes (as
+        propagation prompts); with ``click_prompts``, all but the first of them with an include and
+        an exclude point (as a user's corrective clicks, ``augmented_points``)."""
         import torch
 
         self.decoder.train()
         self.optimiser.zero_grad(set_to_none=True)
         total = 0.0
+        dev = self.backend.device
+        count = self.settings.prompts_per_slice
         for sample in samples:
-            boxes = np.stack([sample.geom.box_to_model(augmented_box(sample.mask, self.rng), self.backend.spec.box_rounding)
-                              for _ in range(self.settings.prompts_per_slice)])
-            with torch.no_grad():
-                sparse, dense = self.prompt_encoder(points=None, masks=None, boxes=torch.as_tensor(
-                    boxes, dtype=torch.float32, device=self.backend.device))
-            low_res, _ = self.decoder(image_embeddings=sample.embedding, image_pe=self.dense_pe,
-                                      sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                      multimask_output=False)
-            loss = _loss(low_res, sample) / len(samples)
-            loss.backward()
-            total += float(loss.detach())
+            boxes = [augmented_box(sample.mask, self.rng) for _ in range(count)]
+            batches = [(boxes[:1], None)] if self.settings.click_prompts else [(boxes, None)]
+            if self.settings.click_prompts and count > 1:
+                points = np.stack([augmented_points(sample.mask, box, self.rng) for box in boxes[1:]])
+                batches.append((boxes[1:], points))
+            for batch_boxes, points in batches:
+                model_boxes = np.stack([sample.geom.box_to_model(b, self.backend.spec.box_rounding) for b in batch_boxes])
+                point_arg = None
+                if points is not None:
+                    coords = sample.geom.points_to_model(points[:, :, :2].reshape(-1, 2)).reshape(len(points), -1, 2)
+                    point_arg = (torch.as_tensor(coords, dtype=torch.float32, device=dev),
+                                 torch.as_tensor(points[:, :, 2], dtype=torch.int64, device=dev))
+                with torch.no_grad():
+                    sparse, dense = self.prompt_encoder(points=point_arg, masks=None, boxes=torch.as_tensor(
+                        model_boxes, dtype=torch.float32, device=dev))
+                low_res, _ = self.decoder(image_embeddings=sample.embedding, image_pe=self.dense_pe,
+                                          sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                          multimask_output=False)
+                loss = _loss(low_res, sample) * (len(batch_boxes) / count) / len(samples)
+                loss.backward()
+                total += float(loss.detach())
         self.optimiser.step()
         self.decoder.eval()
         return total

@@ -10,8 +10,9 @@ import stat
 import numpy as np
 import pytest
 
-from SAMSegmentLib.adaptation import (MAGIC, AdaptationReport, AdaptSettings, DecoderAdapter, adapt, checked_accepted,
-                                      load_trained, signing_key, trained_parameters)
+from SAMSegmentLib.adaptation import (MAGIC, AdaptationReport, AdaptSettings, DecoderAdapter, adapt, augmented_box,
+                                      augmented_points, checked_accepted, load_trained, signing_key,
+                                      trained_parameters)
 from SAMSegmentLib.errors import CancelledError, CheckpointError, SAMSegmentError
 from SAMSegmentLib.metrics import dice
 from SAMSegmentLib.preprocessing import mask_bbox
@@ -138,10 +139,27 @@ def test_tensors_of_another_layout_refused(backend):
     (AdaptSettings(check_steps=0), "check_steps"), (AdaptSettings(final_steps=-1), "final_steps"),
     (AdaptSettings(prompts_per_slice=1.5), "prompts_per_slice"), (AdaptSettings(learning_rate=float("nan")), "learning rate"),
     (AdaptSettings(learning_rate=1.0), "learning rate"), (AdaptSettings(min_gain=float("inf")), "min_gain"),
-    (AdaptSettings(mirror_min_gain=2.0), "mirror_min_gain")])
+    (AdaptSettings(mirror_min_gain=2.0), "mirror_min_gain"), (AdaptSettings(click_prompts="yes"), "click_prompts")])
 def test_bad_settings_refused(settings, words):
     with pytest.raises(SAMSegmentError, match=words):
         settings.check()
+
+
+def test_augmented_prompts_lie_where_a_user_would_put_them():
+    mask = np.zeros((40, 50), bool)
+    mask[10:30, 15:35] = True
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        box = augmented_box(mask, rng)
+        assert 0 <= box[0] < box[2] <= 49 and 0 <= box[1] < box[3] <= 39
+        assert box[0] <= 15 + 0.1 * 20 and box[2] >= 34 - 0.1 * 20  # sides move by at most 10 % inwards
+        points = augmented_points(mask, box, rng)
+        (x, y, label), (nx, ny, nlabel) = points.astype(int)
+        assert label == 1 and mask[y, x]
+        assert nlabel in (0, 1) and mask[ny, nx] == bool(nlabel)
+        assert box[0] - 0.5 <= nx <= box[2] + 0.5 and box[1] - 0.5 <= ny <= box[3] + 0.5
+    full = np.ones((8, 8), bool)  # a box with nothing but the structure: two include points
+    assert (augmented_points(full, np.array([0.0, 0.0, 7.0, 7.0]), rng)[:, 2] == 1).all()
 
 
 def test_bad_accepted_masks_refused():
@@ -309,7 +327,8 @@ def test_cancel_leaves_the_stock_model(phantom_session, ph):
 
 @pytest.mark.slow
 def test_adapt_without_session_adapt_returns_the_adapter(phantom_session, ph):
-    report, adapter = adapt(phantom_session, 0, _accepted(ph, _phantom_slices(ph, 2)), "x", QUICK)
+    clicks = AdaptSettings(check_steps=2, final_steps=1, min_gain=-1.0, click_prompts=True)  # boxes with clicks too
+    report, adapter = adapt(phantom_session, 0, _accepted(ph, _phantom_slices(ph, 2)), "x", clicks)
     assert report.kept and adapter is not None and phantom_session.adapter is None  # nothing installed
     assert adapter.matches(phantom_session.backend)
 
