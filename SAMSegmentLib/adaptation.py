@@ -18,8 +18,8 @@ stock model on the user's own evidence.
 and weights sha256). It is saved as a signed file: a JSON header and raw float32 tensors, never
 pickled, with an HMAC-SHA256 over both made with a key that stays on the machine (or the site's
 key, see ``signing_key``). ``SegmentationSession.adapt`` / ``use_adapter`` put one in use;
-``SamBackend.decode_batch(adapter=...)`` decodes through it (eager PyTorch: ONNX graphs hold the
-stock weights).
+``SamBackend.decode_batch(adapter=...)`` decodes through it (with ONNX graphs of its own where the
+decoder runs in ONNX Runtime, ``SamBackend.prepare_adapter``; else in PyTorch).
 """
 
 from __future__ import annotations

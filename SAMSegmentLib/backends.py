@@ -322,8 +322,9 @@ class SamBackend:
                 to ask for one (benchmarks, tests); "onnx" without a decoder graph runs eager.
             eager_batch: prompt sets per eager decoder call; 0: ``eager_batch_size`` (64 on a GPU,
                 1 on a CPU).
-            adapter: decode with this adapted decoder (``adaptation``) instead of the stock one; it
-                runs in eager PyTorch whatever ``path`` says (the ONNX graphs hold the stock weights).
+            adapter: decode with this adapted decoder (``adaptation``) instead of the stock one:
+                through its own ONNX graphs where the decoder runs in ONNX Runtime (``prepare_adapter``),
+                else (and with ``path`` "eager") in PyTorch.
 
         Returns:
             (low-res logits (B, C, 256, 256), predicted IoU (B, C)), float32 tensors on the model

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import pytest
 pytest.importorskip("fastapi")
 
 from phantoms import box_of, ellipsoid_ct  # noqa: E402
+from server_process import ServerProcess  # noqa: E402
 from SAMSegmentLib.adaptation import KEY_ENV, MAGIC, AdaptationReport, AdaptSettings, DecoderAdapter  # noqa: E402
 from SAMSegmentLib.client import AdapterNotRestored, RemoteSession  # noqa: E402
 from SAMSegmentLib.errors import CancelledError, CheckpointError, SAMSegmentError  # noqa: E402
@@ -35,7 +34,6 @@ from SAMSegmentLib.volume import SliceRef  # noqa: E402
 from SAMSegmentLib.wire import mask_to_json  # noqa: E402
 
 TOKEN = "test-token-adaptation-0123456789"
-ROOT = Path(__file__).resolve().parents[2]
 ACCEPTED = (5, 6, 7)  # slice 6 is held back
 PROBES = (3, 4, 8)  # slices decoded to compare the models
 # small and forced: two steps, one more on every slice, kept whatever the held-back check says
@@ -251,45 +249,10 @@ def test_set_volume_forgets_the_adapter(adapted, server, scan):
         assert same(probe(other, truth), stock)
 
 
-class ServerProcess:
-    """``samsegment serve`` on a free loopback port with the adapter key ``key`` (as in test_server_faults)."""
-
-    def __init__(self, workdir: Path, key: Path) -> None:
-        self.workdir, self.key = workdir, key
-        (workdir / "token").write_text(TOKEN, encoding="utf-8")
-        self.process: subprocess.Popen | None = None
-        self.url = ""
-
-    def start(self, timeout: float = 120.0) -> "ServerProcess":
-        port_file = self.workdir / "port"
-        port_file.unlink(missing_ok=True)
-        env = {**os.environ, "PYTHONPATH": str(ROOT), KEY_ENV: str(self.key)}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "SAMSegmentLib.cli", "serve", "--host", "127.0.0.1", "--port", "0",
-             "--port-file", str(port_file), "--token-file", str(self.workdir / "token"), "--runtime", "eager"],
-            stdout=subprocess.DEVNULL, stderr=open(self.workdir / "server.log", "ab"), env=env)
-        deadline = time.monotonic() + timeout
-        while not port_file.exists():
-            assert self.process.poll() is None, (self.workdir / "server.log").read_text(errors="replace")
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{port_file.read_text().strip()}"
-        return self
-
-    def kill(self) -> None:
-        self.process.kill()
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
-
-
 @pytest.mark.slow
 def test_a_restarted_server_gets_the_adapter_back(tmp_path, scan):
     volume, truth = scan
-    server = ServerProcess(tmp_path, tmp_path / "site.key").start()
+    server = ServerProcess(tmp_path, token=TOKEN, env={KEY_ENV: str(tmp_path / "site.key")}).start()
     try:
         client = RemoteSession(server.url, TOKEN, timeout=60)
         client.set_volume(volume)
@@ -305,7 +268,7 @@ def test_a_restarted_server_gets_the_adapter_back(tmp_path, scan):
         assert client.adapter_in_use and client.adapter_file_bytes() is not None
 
         server.kill()
-        server.key = tmp_path / "another.key"  # a server with another key cannot verify it: said, not silent
+        server.env[KEY_ENV] = str(tmp_path / "another.key")  # a server with another key cannot verify it: said, not silent
         server.start()
         client.retarget(server.url, TOKEN)
         with pytest.raises(AdapterNotRestored, match="refused the adapted decoder") as refused:

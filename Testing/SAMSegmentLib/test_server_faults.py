@@ -8,12 +8,6 @@ thread); the reference run is the engine in-process.
 
 from __future__ import annotations
 
-import os
-import secrets
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +15,7 @@ import pytest
 pytest.importorskip("fastapi")
 
 from phantoms import box_of, ellipsoid_ct  # noqa: E402
+from server_process import ServerProcess  # noqa: E402
 from SAMSegmentLib.client import PropagationInterrupted, RemoteSession  # noqa: E402
 from SAMSegmentLib.propagation import propagate  # noqa: E402
 from SAMSegmentLib.prompts import Prompts  # noqa: E402
@@ -28,43 +23,6 @@ from SAMSegmentLib.session import SegmentationSession  # noqa: E402
 from SAMSegmentLib.volume import SliceRef  # noqa: E402
 
 pytestmark = pytest.mark.slow  # two server processes that each load the model
-ROOT = Path(__file__).resolve().parents[2]
-
-
-class ServerProcess:
-    """``samsegment serve`` on a free loopback port, as an administrator would run it."""
-
-    def __init__(self, workdir: Path, runtime: str) -> None:
-        self.workdir, self.runtime = workdir, runtime
-        self.token = secrets.token_urlsafe(24)
-        (workdir / "token").write_text(self.token, encoding="utf-8")
-        self.process: subprocess.Popen | None = None
-        self.url = ""
-
-    def start(self, timeout: float = 120.0) -> "ServerProcess":
-        port_file = self.workdir / "port"
-        port_file.unlink(missing_ok=True)
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "SAMSegmentLib.cli", "serve", "--host", "127.0.0.1", "--port", "0",
-             "--port-file", str(port_file), "--token-file", str(self.workdir / "token"), "--runtime", self.runtime],
-            stdout=subprocess.DEVNULL, stderr=open(self.workdir / "server.log", "ab"), env=env)
-        deadline = time.monotonic() + timeout
-        while not port_file.exists():
-            assert self.process.poll() is None, (self.workdir / "server.log").read_text(errors="replace")
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{port_file.read_text().strip()}"
-        return self
-
-    def kill(self) -> None:
-        self.process.kill()
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
 
 
 def test_server_killed_mid_propagation_then_resumed_gives_the_same_masks(tmp_path, eager_backend):
