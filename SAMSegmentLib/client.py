@@ -770,6 +770,12 @@ class RemoteSession:
         ``adapt`` or loaded with ``load_adapter_file_bytes``); False: the stock model."""
         return self._adapter_bytes is not None
 
+    @property
+    def held_adapter_bytes(self) -> bytes | None:
+        """The signed adapter file this client holds for its session (fetched when ``adapt`` kept one,
+        or sent with ``load_adapter_file_bytes``), without asking the server again; None: stock."""
+        return self._adapter_bytes
+
     @staticmethod
     def adaptation_params(axis: int, accepted: Mapping[int, np.ndarray], structure: str | None = None,
                           settings: Any = None) -> dict[str, Any]:

@@ -168,6 +168,18 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
+def load_sample(data: str | Path, name: str) -> tuple[np.ndarray, np.ndarray, dict[str, int]] | None:
+    """(volume, label map, label value by structure name) of the shared sample ``name``; None (said on
+    stderr) when it is not there."""
+    folder = Path(data) / name
+    if not folder.exists():
+        print(f"skipping {folder}: not found", file=sys.stderr)
+        return None
+    volume, _ = sio.read_volume(folder / "image.nii.gz")
+    labels, _ = sio.read_volume(folder / "labels.nii.gz")
+    return volume, labels, {v: int(k) for k, v in json.loads((folder / "labels.json").read_text()).items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -188,13 +200,10 @@ def main() -> None:
         if args.samples and not any(name.startswith(p) for p in args.samples):
             continue
         structures = [s for s in structures if not args.structures or s in args.structures]
-        folder = Path(args.data) / name
-        if not folder.exists():
-            print(f"skipping {folder}: not found", file=sys.stderr)
+        sample = load_sample(args.data, name)
+        if sample is None:
             continue
-        full, _ = sio.read_volume(folder / "image.nii.gz")
-        full_labels, _ = sio.read_volume(folder / "labels.nii.gz")
-        values = {v: int(k) for k, v in json.loads((folder / "labels.json").read_text()).items()}
+        full, full_labels, values = sample
         for stride in args.stride:
             cache_dir = None
             if args.cache_dir is not None:  # a disk cache holds one volume: one per sample and stride

@@ -30,9 +30,8 @@ import numpy as np
 warnings.filterwarnings("ignore", category=FutureWarning)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from accuracy import DEFAULTS, held_out_structures  # noqa: E402
+from accuracy import DEFAULTS, held_out_structures, load_sample  # noqa: E402
 
-from SAMSegmentLib import io as sio  # noqa: E402
 from SAMSegmentLib.adaptation import AdaptSettings  # noqa: E402
 from SAMSegmentLib.metrics import dice  # noqa: E402
 from SAMSegmentLib.preprocessing import mask_bbox  # noqa: E402
@@ -151,13 +150,10 @@ def main() -> None:
     for name, tuned in DEFAULTS.items():
         if args.samples and not any(name.startswith(p) for p in args.samples):
             continue
-        folder = Path(args.data) / name
-        if not folder.exists():
-            print(f"skipping {folder}: not found", file=sys.stderr)
+        sample = load_sample(args.data, name)
+        if sample is None:
             continue
-        volume, _ = sio.read_volume(folder / "image.nii.gz")
-        labels, _ = sio.read_volume(folder / "labels.nii.gz")
-        values = {v: int(k) for k, v in json.loads((folder / "labels.json").read_text()).items()}
+        volume, labels, values = sample
         groups = {"main": {s: values[s] for s in tuned}, "held_out": held_out_structures(labels, values, tuned)}
         if args.main_only:
             groups.pop("held_out")

@@ -981,8 +981,7 @@ class SAMSegmentCore:
             session = self.session
             report = yield from session.adapt_flow(axis, accepted, structure=structure, settings=settings,
                                                    progress=progress, cancel=task.cancel)
-            data = (yield from session.adapter_file_bytes_flow()) if report.kept else None
-            return report, data
+            return report, session.held_adapter_bytes if report.kept else None  # adapt_flow fetched it
 
         def done(outcome: tuple[AdaptationReport, bytes | None]) -> None:
             report, data = outcome
