@@ -10,11 +10,15 @@ Slices the user accepted are anchors: never predicted, never overwritten. Betwee
 the gap is filled from both ends at once, so each slice is predicted from its nearer anchor.
 Boxes drawn on slices (``boxes``) are anchors too, once decoded; a slice between two of them is
 prompted with the box interpolated between them averaged with its neighbour's mask box. A 3D box
-(``bounds``, a ``Box3D``) is a prompt of its own: its in-plane box seeds its middle slice, and
-nothing is written outside it.
+(``bounds``, a ``Box3D``) is a prompt of its own: its in-plane box seeds its middle slice (the
+seed mask decoded once more from its own box, ``PromptPolicy.seed_refits``), and nothing is written
+outside it.
 
 A mask that leaks into a neighbour of other intensity (the MR liver on thick slices) is cut back
-to the anchor's intensity range (``PromptPolicy.trim_below``).
+to the anchor's intensity range (``PromptPolicy.trim_below``), and a slice once both its
+neighbours are decided is decoded again from what they share and takes that mask when it is smaller
+and agrees better with both (``PromptPolicy.neighbour_check``; the chain goes on from the first
+masks).
 
 ``propagate_iter`` is a generator over the decided slices, as SAM2's ``propagate_in_video``: the
 caller sets the pace and stops the run by no longer iterating. ``propagate`` collects it into a
@@ -136,6 +140,25 @@ class PromptPolicy:
     rescue_max_growth: float = 1.15
     rescue_agreement_slack: float = 0.05
     rescue_added_agreement: float = 0.85
+    # A slice both of whose neighbours are decided gets a second look: its box is taken from what the
+    # two neighbours' masks share (+ neighbour_padding px), and the mask decoded from it replaces the
+    # slice's when it is smaller and agrees better with both neighbours (mean Dice). A mask that took
+    # in tissue neither neighbour has (the MR liver's medial wedge on thick slices) is cut back,
+    # while the propagation itself goes on from the first mask, so the check never feeds the chain.
+    # The slice is handed out one step later (when its next neighbour is decided).
+    neighbour_check: bool = True
+    neighbour_padding: float = 3.0
+    # 3D box. The box's in-plane extent is the union of the structure's boxes on all its slices, so on
+    # the seed slice it is looser than the structure: the seed mask is decoded again from its own box
+    # (widened by the box margin, as a drawn box) seed_refits times, and the refit is kept unless the
+    # model's own quality estimate falls by more than seed_refit_score_drop or the mask loses more
+    # than 1 - seed_refit_min_area of its area (LiteMedSAM loses the MR kidneys from boxes that
+    # tight). And a mask shrinking on the box's last box_end_no_rescue slices is the structure
+    # tapering to the end the box gives, not a cut to rescue with a looser box.
+    seed_refits: int = 1
+    seed_refit_score_drop: float = 0.02
+    seed_refit_min_area: float = 0.85
+    box_end_no_rescue: int = 1
 
     def calibrate(self, decode: Callable[[Prompts], Prediction], anchor_mask: np.ndarray) -> float:
         """How much of the anchor's area the tight-box loop keeps on the anchor's own slice.
@@ -358,16 +381,20 @@ def propagate_iter(session: SessionProtocol, axis: int, anchors: Mapping[int, np
                    cancel: CancelToken | None = None, anchor_logits: Mapping[int, Any] | None = None,
                    lookahead: int = 1, boxes: Mapping[int, Any] | None = None,
                    bounds: Box3D | Mapping | None = None) -> Generator[PropagatedSlice, None, PropagationResult]:
-    """Propagate from ``anchors`` along ``axis``, yielding each slice as soon as it is decided.
+    """Propagate from ``anchors`` along ``axis``, yielding each slice once it is settled.
 
     The inputs are checked at the call, before anything runs. The fronts (one per anchor and
-    direction) take turns, one slice each, so slices come in the order they are decided. To stop,
-    stop iterating and close the generator (``break`` in a ``with contextlib.closing(...)``
-    block, or ``close()``): queued look-ahead encodes are cancelled and the one already running
-    is waited for, so no work of the run goes on after ``close()`` returns. ``cancel`` does the
-    same from another thread (where the generator may be busy and cannot be closed), before the
-    next slice. A run that ends by itself cancels its queued look-ahead but does not wait for an
-    encode already running: that slice finishes into the session's cache.
+    direction) take turns, one slice each. A front holds each slice back until it has decided the
+    next one, so that the slice can take a second look from both its neighbours
+    (``PromptPolicy.neighbour_check``); its last slice comes when it stops. Each slice is yielded
+    once, in the order the fronts settle them. To stop, stop iterating and close the generator
+    (``break`` in a ``with contextlib.closing(...)`` block, or ``close()``): queued look-ahead
+    encodes are cancelled and the one already running is waited for, so no work of the run goes on
+    after ``close()`` returns; slices held back are dropped (they are not in the result). ``cancel``
+    does the same from another thread (where the generator may be busy and cannot be closed),
+    before the next slice, but first yields the slices held back (at most one per front, as
+    decided, without their second look). A run that ends by itself cancels its queued look-ahead
+    but does not wait for an encode already running: that slice finishes into the session's cache.
 
     Args:
         session: the session holding the volume (``SessionProtocol``).
@@ -419,7 +446,7 @@ def propagate(session: SessionProtocol, axis: int, anchors: Mapping[int, np.ndar
     Args:
         session, axis, anchors, direction, rules, policy, anchor_logits, lookahead, boxes, bounds: as
             for ``propagate_iter``.
-        on_slice: called with (slice, mask, outcome) for each slice as soon as it is decided, on
+        on_slice: called with (slice, mask, outcome) for each slice as soon as it is settled, on
             the calling thread, so a GUI can show progress.
         progress: called with (slices done, most slices the fronts may write, message).
         cancel: a token polled before each slice; a cancelled run returns what was decided so
@@ -454,6 +481,8 @@ class _Front:
         self.safe_mask: np.ndarray | None = None  # the loose track's previous mask while the tight one leads
         self.stopped: RunStop | None = None
         self.areas = [int(np.count_nonzero(mask))]  # of the slices decided so far, from the anchor
+        # the last slice decided, handed out once its next neighbour is decided (PromptPolicy.neighbour_check)
+        self.pending: PropagatedSlice | None = None
 
     @property
     def planned(self) -> int:
@@ -612,6 +641,8 @@ class _Propagation:
         self.encodes = _Encodes(session, axis)
         self.result = PropagationResult(axis=axis)
         self._box_ends = sorted(self.boxes)  # slices whose drawn boxes guide the slices between them
+        self.decided: dict[int, np.ndarray] = dict(self.anchors)  # every mask as first decided, anchors included
+        self._ready: list[PropagatedSlice] = []  # settled slices, to hand out in this order
 
     def _plan(self, steps: tuple[int, ...]) -> list[tuple[int, int, int, StopReason]]:
         """(anchor, step, last index, why it stops there) of each front: the outer ends in ``steps``,
@@ -645,9 +676,17 @@ class _Propagation:
         box = self._clip_to_bounds(self.boxes[index], widen=False)
         box = self._clip_to_bounds(self.session.user_box(ref, box), widen=True)
         pred = self._clip_prediction(self.session.decode(ref, Prompts(box=box), priority=PRIORITY_PROPAGATION))
+        for _ in range(self.policy.seed_refits if self.bounds is not None else 0):
+            if not pred.area:
+                break
+            refit = self._clip_to_bounds(self.session.user_box(ref, mask_bbox(pred.mask).astype(np.float64)), widen=True)
+            again = self._clip_prediction(self.session.decode(ref, Prompts(box=refit), priority=PRIORITY_PROPAGATION))
+            if again.area and again.score >= pred.score - self.policy.seed_refit_score_drop \
+                    and again.area >= self.policy.seed_refit_min_area * pred.area:
+                pred = again
         if not pred.area:
             raise PromptError(f"The box on slice {index} gives an empty mask", "draw the box around the structure")
-        self.anchors[index] = pred.mask
+        self.anchors[index] = self.decided[index] = pred.mask
         self.anchor_logits.setdefault(index, pred.low_res_logits)
         outcome = SliceOutcome(index, index, 0, pred.score, pred.area, 1.0, "box")
         self.result.masks[index] = pred.mask
@@ -688,20 +727,21 @@ class _Propagation:
                         continue
                     if cancel is not None and cancel.cancelled:
                         self._cancel()
+                        yield from self._hand_out()
                         return self.result
                     try:
-                        decided = self._step(front)
+                        self._step(front)
                     except (WorkerClosedError, concurrent.futures.CancelledError):
                         # the session was closed under the run (from another thread): what was decided stands
                         log.info("propagation stopped: the session was closed")
                         self._cancel()
+                        yield from self._hand_out()
                         return self.result
-                    if decided is not None:
-                        yield decided
+                    yield from self._hand_out()
             finished = True
             return self.result
-        except GeneratorExit:  # the consumer stopped iterating
-            self._cancel()
+        except GeneratorExit:  # the consumer stopped iterating: slices not handed out are not part of the result
+            self._cancel(hand_out=False)
             raise
         finally:
             # Stopped early (closed, cancelled, an error): wait for the encode running, so that no work
@@ -709,8 +749,13 @@ class _Propagation:
             # (as a front's does when it stops), without delaying the result by an encode.
             self.encodes.close(wait_running=not finished)
 
-    def _step(self, front: _Front) -> PropagatedSlice | None:
-        """Decide ``front``'s next slice: the slice written, or None when the front stops instead."""
+    def _hand_out(self) -> Generator[PropagatedSlice, None, None]:
+        """Yield the slices settled since the last call, in the order they were settled."""
+        ready, self._ready = self._ready, []
+        yield from ready
+
+    def _step(self, front: _Front) -> None:
+        """Decide ``front``'s next slice, or stop the front; the slice it held back is settled (``_ready``)."""
         nxt = front.index + front.step
         if front.beyond_limit(nxt):
             return self._stop(front, front.limit_reason)
@@ -736,7 +781,10 @@ class _Propagation:
             return self._clip_prediction(pred)
 
         name, pred = front.predict(decode, self.policy)
-        if self.policy.rescue_below > 0:
+        to_box_end = None
+        if self.bounds is not None and front.limit_reason == StopReason.BOX_END:
+            to_box_end = (front.limit - nxt) * front.step
+        if self.policy.rescue_below > 0 and (to_box_end is None or to_box_end >= self.policy.box_end_no_rescue):
             rescued = self._rescue(front, pred, decode, lambda: self.session.slice_image(ref))
             if rescued is not None:
                 pred, name = rescued, name + " (cut short: rescued with a looser box)"
@@ -753,10 +801,47 @@ class _Propagation:
                 overlap = iou(front.mask, pred.mask)
         outcome = SliceOutcome(nxt, front.index, front.step, pred.score, pred.area, overlap, name)
         self.claimed.add(nxt)
-        self.result.masks[nxt] = pred.mask
-        self.result.outcomes[nxt] = outcome
+        self.decided[nxt] = pred.mask
         front.advance(nxt, pred)
-        return PropagatedSlice(nxt, pred.mask, outcome)
+        held, front.pending = front.pending, PropagatedSlice(nxt, pred.mask, outcome)
+        if held is not None:
+            self._settle(held, look=True)
+
+    def _settle(self, decided: PropagatedSlice, look: bool) -> None:
+        """Write ``decided`` into the result (after its second look, with ``look``) and queue it to hand
+        out; when the second look fails (the session closing under the run), the slice as decided is."""
+        try:
+            if look and self.policy.neighbour_check:
+                decided = self._second_look(decided)
+        finally:
+            self.result.masks[decided.index] = decided.mask
+            self.result.outcomes[decided.index] = decided.outcome
+            self._ready.append(decided)
+
+    def _second_look(self, decided: PropagatedSlice) -> PropagatedSlice:
+        """``decided``, or its slice decoded again from the box of what both its neighbours' masks share
+        when that mask is smaller and agrees better with both (see ``PromptPolicy.neighbour_check``)."""
+        index, own = decided.index, decided.mask
+        below, above = self.decided.get(index - 1), self.decided.get(index + 1)
+        if below is None or above is None:
+            return decided
+        shared = below & above
+        if not shared.any():
+            return decided
+        pad = self.policy.neighbour_padding
+        x0, y0, x1, y1 = mask_bbox(shared)
+        box = clip_box(np.array([x0 - pad, y0 - pad, x1 + pad, y1 + pad], dtype=np.float64), *own.shape)
+        ref = SliceRef(self.axis, index)
+        pred = self.session.decode(ref, Prompts(box=self._clip_to_bounds(box, widen=True)), priority=PRIORITY_PROPAGATION)
+        pred = self.policy.threshold(self._clip_prediction(pred))
+        if not 0 < pred.area < np.count_nonzero(own):
+            return decided
+        if dice(pred.mask, below) + dice(pred.mask, above) <= dice(own, below) + dice(own, above):
+            return decided
+        outcome = dataclasses.replace(decided.outcome, score=pred.score, area=pred.area,
+                                      iou_previous=iou(self.decided[decided.outcome.from_index], pred.mask),
+                                      candidate=decided.outcome.candidate + " (second look: from what both neighbours share)")
+        return PropagatedSlice(index, pred.mask, outcome)
 
     def _rescue(self, front: _Front, pred: Prediction, decode: Decode,
                 image: Callable[[], np.ndarray]) -> Prediction | None:
@@ -839,16 +924,24 @@ class _Propagation:
                 self.result.anchor_stability[anchor] = 0.0
         front.set_tight_leads(self.result.anchor_stability[anchor] >= self.policy.min_stable_area_ratio)
 
-    def _stop(self, front: _Front, reason: StopReason, at: int | None = None) -> None:
+    def _stop(self, front: _Front, reason: StopReason, at: int | None = None, look: bool = True) -> None:
+        """End ``front``: its held-back slice is settled (its second look only with ``look``)."""
         front.stopped = RunStop(front.anchor, front.step, front.index, reason, at)
         self.result.stops.append(front.stopped)
+        held, front.pending = front.pending, None
+        if held is not None:
+            self._settle(held, look)
         # its queued look-ahead: nobody will need it
         self.encodes.drop(front.ahead(front.index, max(self.lookahead, 1) + 1, self.claimed))
 
-    def _cancel(self) -> None:
+    def _cancel(self, hand_out: bool = True) -> None:
+        """Stop every front; their held-back slices are settled as decided (no second look: the session
+        may be closing), or dropped without ``hand_out`` (nobody will take them)."""
         for front in self.fronts:
             if front.stopped is None:
-                self._stop(front, StopReason.CANCELLED)
+                if not hand_out:
+                    front.pending = None
+                self._stop(front, StopReason.CANCELLED, look=False)
         self.result.cancelled = True
 
 

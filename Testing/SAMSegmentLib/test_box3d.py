@@ -9,6 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from phantoms import box_of, dice
+from shared_samples import needs_sample, thick_sample
 from SAMSegmentLib import cli, sample_data
 from SAMSegmentLib.box3d import Box3D
 from SAMSegmentLib.errors import PromptError, VolumeError
@@ -91,7 +92,8 @@ def test_boxes_on_two_slices_fill_the_gap_from_both_with_the_interpolated_box(mo
     a, b = 7, 17
     boxes = {a: box_of(mask[a]), b: box_of(mask[b])}
     rec = Recording(s)
-    result = propagate(rec, 0, boxes=boxes, policy=PromptPolicy(guide_weight=1.0), direction="both")
+    # without the second look, whose box comes from the two neighbours' masks after the chain's decodes
+    result = propagate(rec, 0, boxes=boxes, policy=PromptPolicy(guide_weight=1.0, neighbour_check=False), direction="both")
     assert result.outcomes[a].candidate == result.outcomes[b].candidate == "box"
     assert set(range(a, b + 1)) <= set(result.masks)
     for i in range(a + 1, b):  # each gap slice from a neighbour, the first ones from the boxes' slices
@@ -105,7 +107,7 @@ def test_boxes_on_two_slices_fill_the_gap_from_both_with_the_interpolated_box(mo
     assert dice(seg[a:b + 1], mask[a:b + 1]) > 0.93
     # weight 0: the boxes come from the masks alone, and they differ
     rec0 = Recording(s)
-    propagate(rec0, 0, boxes=boxes, policy=PromptPolicy(guide_weight=0.0))
+    propagate(rec0, 0, boxes=boxes, policy=PromptPolicy(guide_weight=0.0, neighbour_check=False))
     assert any(not np.allclose(rec0.boxes[i][0], rec.boxes[i][0]) for i in range(a + 1, b))
 
 
@@ -159,3 +161,54 @@ def test_cli_box3d_writes_nothing_outside_the_box(crop, tmp_path, capsys):
     inside = Box3D.from_ijk(12, 24, 1, 37, 49, 3).mask(mask.shape)
     assert mask[1:4].any(axis=(1, 2)).all() and not (mask & ~inside).any()
     assert "end of the 3D box reached" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ the shared samples (issue 15)
+@pytest.mark.slow  # encodes 2 slices of the shared samples
+@needs_sample("ct-abdomen-3mm")
+@needs_sample("mr-abdomen-3mm")
+def test_3d_box_seed_is_decoded_again_from_its_own_box_unless_the_model_loses_it(session):
+    """The 3D box's in-plane box is the union of the structure's boxes on all its slices, looser than
+    the structure on any one slice: on the CT right kidney the seed mask decoded from it takes in
+    tissue beside the kidney, and decoded again from its own box it fits the kidney better. On the MR
+    left kidney LiteMedSAM loses part of the kidney from the tighter box (its quality estimate falls):
+    the first mask stays (``PromptPolicy.seed_refits``)."""
+    no_steps = StopRules(max_slices=0)  # the seed alone
+    for name, structure, refit_kept in (("ct-abdomen-3mm", "kidney_right", True), ("mr-abdomen-3mm", "kidney_left", False)):
+        vol, ref = thick_sample(name, structure, 1)
+        session.set_volume(vol)
+        k = int(ref.sum(axis=(1, 2)).argmax())
+        bounds = Box3D.from_mask(ref)
+        seeds = {}
+        for refits in (1, 0):
+            result = propagate(session, 0, boxes={k: bounds.plane_box(0)}, bounds=bounds, rules=no_steps,
+                               policy=PromptPolicy(seed_refits=refits))
+            assert sorted(result.masks) == [k]
+            seeds[refits] = result.masks[k]
+        assert PromptPolicy().seed_refits == 1
+        if refit_kept:
+            assert seeds[1].sum() < seeds[0].sum() and dice(seeds[1], ref[k]) > dice(seeds[0], ref[k]) + 0.01
+        else:
+            np.testing.assert_array_equal(seeds[1], seeds[0])
+
+
+@pytest.mark.slow  # encodes 10 CT slices, two propagations
+@needs_sample("ct-abdomen-3mm")
+def test_3d_box_end_is_a_taper_not_a_cut_to_rescue(session):
+    """On the CT left kidney taken every 3rd slice, the kidney's last slice inside the 3D box holds about
+    a quarter of the area of the slice before it; a looser box would "rescue" the small mask there to
+    about twice the kidney's size.
+    The box says the structure ends on that slice, so the small mask is its end
+    (``PromptPolicy.box_end_no_rescue``)."""
+    vol, ref = thick_sample("ct-abdomen-3mm", "kidney_left", 3)
+    session.set_volume(vol)
+    k = int(ref.sum(axis=(1, 2)).argmax())
+    bounds = Box3D.from_mask(ref)
+    last = bounds.slice_range(0)[1]
+    runs = {n: propagate(session, 0, boxes={k: bounds.plane_box(0)}, bounds=bounds,
+                         policy=PromptPolicy(box_end_no_rescue=n)) for n in (1, 0)}
+    assert "rescued" in runs[0].outcomes[last].candidate
+    assert "rescued" not in runs[1].outcomes[last].candidate
+    assert runs[1].masks[last].sum() < runs[0].masks[last].sum()
+    assert dice(runs[1].masks[last], ref[last]) > dice(runs[0].masks[last], ref[last])
+    assert dice(runs[1].to_volume(vol.shape), ref) > dice(runs[0].to_volume(vol.shape), ref)
