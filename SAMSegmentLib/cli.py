@@ -881,8 +881,10 @@ def _adapt(args: argparse.Namespace, session: Any, axis: int, anchors: dict[int,
           f"{report.seconds:.1f} s")
     log.info(json.dumps(report.as_json()))
     if args.save_adapter:
-        if report.kept:
-            atomic_write_bytes(Path(args.save_adapter).expanduser(), session.adapter_file_bytes(), "the adapter")
+        if report.kept:  # on a server, the client already holds the signed file it fetched when the adapter was kept
+            data = session.held_adapter_bytes if _remote(session) else None
+            atomic_write_bytes(Path(args.save_adapter).expanduser(), data if data is not None else session.adapter_file_bytes(),
+                               "the adapter")
             print(f"Adapter written: {args.save_adapter}")
         else:
             print(f"The adapted decoder was not kept, so no adapter was written to {args.save_adapter}")

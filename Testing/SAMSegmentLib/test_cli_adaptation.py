@@ -154,7 +154,11 @@ def test_adapt_and_adapter_work_on_a_server(backend, crop, anchor, tmp_path, cap
     from SAMSegmentLib.server.serve import ServerHandle
     from SAMSegmentLib.server.state import ServerState
 
+    from SAMSegmentLib.client import RemoteSession
+
     monkeypatch.setattr(cli, "_adapt_settings", lambda args: KEPT)
+    # --save-adapter writes the signed file the client fetched when the adapter was kept: no second download
+    monkeypatch.setattr(RemoteSession, "adapter_file_bytes", lambda self: pytest.fail("the adapter was downloaded twice"))
     token = "test-token-cli-adaptation-0123"
     (tmp_path / "token").write_text(token)
     with ServerHandle(ServerState(backends=(backend,)), token) as server:
