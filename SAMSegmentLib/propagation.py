@@ -149,8 +149,9 @@ class PromptPolicy:
     neighbour_check: bool = True
     neighbour_padding: float = 3.0
     # 3D box. The box's in-plane extent is the union of the structure's boxes on all its slices, so on
-    # the seed slice it is looser than the structure: the seed mask is decoded again from its own box
-    # (widened by the box margin, as a drawn box) seed_refits times, and the refit is kept unless the
+    # the seed slice it is looser than the structure: a seed decoded from that cross-section (not from
+    # a box the user drew inside the 3D box) is decoded again from its own mask's box (widened by the
+    # box margin, as a drawn box) seed_refits times, and the refit is kept unless the
     # model's own quality estimate falls by more than seed_refit_score_drop or the mask loses more
     # than 1 - seed_refit_min_area of its area (LiteMedSAM loses the MR kidneys from boxes that
     # tight). And a mask shrinking on the box's last box_end_no_rescue slices is the structure
@@ -673,10 +674,12 @@ class _Propagation:
         """Decode the box drawn on slice ``index`` (widened as ``predict`` widens a user's box, kept
         inside the 3D box) into an anchor of the run; the slice is written."""
         ref = SliceRef(self.axis, index)
-        box = self._clip_to_bounds(self.boxes[index], widen=False)
-        box = self._clip_to_bounds(self.session.user_box(ref, box), widen=True)
+        drawn = self._clip_to_bounds(self.boxes[index], widen=False)
+        box = self._clip_to_bounds(self.session.user_box(ref, drawn), widen=True)
         pred = self._clip_prediction(self.session.decode(ref, Prompts(box=box), priority=PRIORITY_PROPAGATION))
-        for _ in range(self.policy.seed_refits if self.bounds is not None else 0):
+        # the 3D box's own cross-section (not a box the user drew inside it): decoded again from the mask's box
+        whole = self.bounds is not None and bool(np.all(np.abs(drawn - self.bounds.plane_box(self.axis)) <= 1.0))
+        for _ in range(self.policy.seed_refits if whole else 0):
             if not pred.area:
                 break
             refit = self._clip_to_bounds(self.session.user_box(ref, mask_bbox(pred.mask).astype(np.float64)), widen=True)

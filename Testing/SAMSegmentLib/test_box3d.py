@@ -188,6 +188,11 @@ def test_3d_box_seed_is_decoded_again_from_its_own_box_unless_the_model_loses_it
         assert PromptPolicy().seed_refits == 1
         if refit_kept:
             assert seeds[1].sum() < seeds[0].sum() and dice(seeds[1], ref[k]) > dice(seeds[0], ref[k]) + 0.01
+            # a box the user drew inside the 3D box is their prompt: decoded as drawn, never refit
+            drawn = {k: mask_bbox(ref[k])}  # 2-3 px inside the 3D box on two sides
+            as_drawn = [propagate(session, 0, boxes=drawn, bounds=bounds, rules=no_steps,
+                                  policy=PromptPolicy(seed_refits=refits)).masks[k] for refits in (1, 0)]
+            np.testing.assert_array_equal(*as_drawn)
         else:
             np.testing.assert_array_equal(seeds[1], seeds[0])
 
