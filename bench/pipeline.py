@@ -10,7 +10,9 @@ Volume: the sample abdominal CT (../shared/data/ct-abdomen-3mm, 30 x 101 x 122, 
   decode) vs "encode every slice first" (as peers do), the latter extrapolated from the measured
   per-slice encoder cost x 200 (marked so in the JSON: nobody waits 3+ minutes in a benchmark);
 - propagation seconds per slice over 50 slices of liver, starting from an empty embedding cache:
-  pipelined (encode n+1 while n is decoded) vs not, eager vs ONNX; masks compared for identity;
+  pipelined (encode n+1 while n is decoded) vs not, eager vs ONNX; masks compared for identity; and
+  ONNX pipelined without the second look from both neighbours (``PromptPolicy(neighbour_check=False)``),
+  its cost per slice;
 - embedding cache MiB after propagation;
 - encoder variants on real slices: ONNX Runtime, bf16 autocast, torch.compile (fp32 and bf16):
   seconds per slice and mask Dice vs eager fp32 on reference-box prompts; the JSON says whether
@@ -91,7 +93,7 @@ def main() -> None:
 
     from SAMSegmentLib.backends import SamBackend
     from SAMSegmentLib.preprocessing import IntensityWindow
-    from SAMSegmentLib.propagation import StopRules, propagate
+    from SAMSegmentLib.propagation import PromptPolicy, StopRules, propagate
     from SAMSegmentLib.prompts import Prompts
     from SAMSegmentLib.runtimes import requested_runtime
     from SAMSegmentLib.session import SegmentationSession
@@ -209,31 +211,35 @@ def main() -> None:
     prop: dict[str, Any] = {}
     start = int(np.nonzero(areas > 0.25 * areas.max())[0][0])  # up through the liver from its lower part
     masks_by: dict[str, dict[int, np.ndarray]] = {}
-    for name, b in backends.items():
-        for lookahead in (0, 1):
-            with SegmentationSession(model=b) as s:
-                s.set_volume(vol, window=window)
-                anchor = s.predict(SliceRef(0, start), Prompts(box=box_of(liver[start]))).mask
-                n0 = s.encode_count
-                t0 = time.perf_counter()
-                result = propagate(s, 0, {start: anchor}, direction="up",
-                                   rules=StopRules(max_slices=args.prop_slices), lookahead=lookahead)
-                elapsed = time.perf_counter() - t0
-                n = len(result.masks)
-                idx = sorted(result.masks)
-                key = f"{name}_{'pipelined' if lookahead else 'sequential'}"
-                masks_by[key] = result.masks
-                prop[key] = {"slices": n, "s_per_slice": round(elapsed / max(n, 1), 3), "total_s": round(elapsed, 1),
-                             "encodes": s.encode_count - n0,
-                             "stop": [x.reason.value for x in result.stops],
-                             "dice_vs_reference": round(dice(np.stack([result.masks[i] for i in idx]),
-                                                             liver[idx]), 4) if n else None,
-                             "cache_mib": round(s.cache.bytes_used / 2**20, 1)}
+    runs = [(name, b, lookahead, True) for name, b in backends.items() for lookahead in (0, 1)]
+    runs.append(("onnx", backends["onnx"], 1, False))  # the default path without the second look
+    for name, b, lookahead, second_look in runs:
+        with SegmentationSession(model=b) as s:
+            s.set_volume(vol, window=window)
+            anchor = s.predict(SliceRef(0, start), Prompts(box=box_of(liver[start]))).mask
+            n0 = s.encode_count
+            t0 = time.perf_counter()
+            result = propagate(s, 0, {start: anchor}, direction="up", policy=PromptPolicy(neighbour_check=second_look),
+                               rules=StopRules(max_slices=args.prop_slices), lookahead=lookahead)
+            elapsed = time.perf_counter() - t0
+            n = len(result.masks)
+            idx = sorted(result.masks)
+            key = f"{name}_{'pipelined' if lookahead else 'sequential'}" + ("" if second_look else "_without_second_look")
+            masks_by[key] = result.masks
+            prop[key] = {"slices": n, "s_per_slice": round(elapsed / max(n, 1), 3), "total_s": round(elapsed, 1),
+                         "encodes": s.encode_count - n0,
+                         "stop": [x.reason.value for x in result.stops],
+                         "dice_vs_reference": round(dice(np.stack([result.masks[i] for i in idx]),
+                                                         liver[idx]), 4) if n else None,
+                         "cache_mib": round(s.cache.bytes_used / 2**20, 1)}
+    for name in backends:
         a, c = masks_by[f"{name}_sequential"], masks_by[f"{name}_pipelined"]
         prop[f"{name}_identical_with_and_without_pipelining"] = (
             sorted(a) == sorted(c) and all(np.array_equal(a[i], c[i]) for i in a))
         prop[f"{name}_pipelining_speedup"] = round(prop[f"{name}_sequential"]["s_per_slice"]
                                                    / prop[f"{name}_pipelined"]["s_per_slice"], 2)
+    prop["onnx_second_look_time_ratio"] = round(prop["onnx_pipelined"]["s_per_slice"]
+                                                / prop["onnx_pipelined_without_second_look"]["s_per_slice"], 3)
     prop["start_slice"] = start
     report["propagation"] = prop
     report["cache"] = {"embedding_mib_fp16": 2.0, "after_propagation_mib": prop["onnx_pipelined"]["cache_mib"],
