@@ -160,6 +160,14 @@ class PromptPolicy:
     seed_refit_score_drop: float = 0.02
     seed_refit_min_area: float = 0.85
     box_end_no_rescue: int = 1
+    # The anchor's intensity range (trim, stop and rescue rules) is its mask's 5th-95th percentiles. On
+    # a large structure it is narrowed to those of the mask's interior (range_core_erosion px in from
+    # its edge) when that interior keeps at least range_core_min_area of the mask: the edge holds
+    # partial volume and, on an anchor that took in some neighbouring tissue (the MR liver's), that
+    # tissue's intensities, which would then pass the trim slice after slice. A small structure's
+    # interior is not its tissue (a kidney's medulla without its cortex): its range stays whole.
+    range_core_erosion: int = 4
+    range_core_min_area: float = 0.5
 
     def calibrate(self, decode: Callable[[Prompts], Prediction], anchor_mask: np.ndarray) -> float:
         """How much of the anchor's area the tight-box loop keeps on the anchor's own slice.
@@ -375,6 +383,29 @@ def intensity_agreement(image: np.ndarray, mask: np.ndarray, value_range: tuple[
     lo, hi = value_range
     inside = (values >= lo - 1.0) & (values <= hi + 1.0)
     return float(np.count_nonzero(inside)) / values.size
+
+
+def anchor_intensity_range(image: np.ndarray, mask: np.ndarray, policy: PromptPolicy) -> tuple[float, float]:
+    """The intensities a propagated mask is checked against (see ``PromptPolicy.range_core_erosion``).
+
+    Args:
+        image: the anchor slice's windowed image.
+        mask: the anchor's mask (not empty).
+        policy: gives the erosion and the interior's least share of the mask.
+
+    Returns:
+        (low, high): the mask's 5th-95th percentile intensities, narrowed to its interior's when the
+        interior is large enough.
+    """
+    lo, hi = (float(v) for v in np.percentile(image[mask], (5, 95)))
+    if policy.range_core_erosion > 0:
+        from scipy import ndimage
+
+        core = ndimage.binary_erosion(mask, iterations=policy.range_core_erosion)
+        if np.count_nonzero(core) >= policy.range_core_min_area * np.count_nonzero(mask):
+            core_lo, core_hi = (float(v) for v in np.percentile(image[core], (5, 95)))
+            lo, hi = max(lo, core_lo), min(hi, core_hi)
+    return lo, hi
 
 
 def propagate_iter(session: SessionProtocol, axis: int, anchors: Mapping[int, np.ndarray] | None = None,
@@ -665,9 +696,8 @@ class _Propagation:
         fronts = []
         for anchor, step, limit, reason in self.plan:
             image = self.session.slice_image(SliceRef(self.axis, anchor))
-            lo, hi = np.percentile(image[self.anchors[anchor]], (5, 95))
             fronts.append(_Front(anchor, step, limit, reason, self.anchors[anchor], self.anchor_logits.get(anchor),
-                                 (float(lo), float(hi))))
+                                 anchor_intensity_range(image, self.anchors[anchor], self.policy)))
         return fronts
 
     def _seed(self, index: int) -> PropagatedSlice:
