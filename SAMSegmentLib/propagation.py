@@ -143,7 +143,7 @@ class PromptPolicy:
     # A slice both of whose neighbours are decided gets a second look: its box is taken from what the
     # two neighbours' masks share (+ neighbour_padding px), and the mask decoded from it replaces the
     # slice's when it is smaller and agrees better with both neighbours (mean Dice). A mask that took
-    # in tissue neither neighbour has (the MR liver's medial wedge on thick slices) is cut back,
+    # in tissue neither neighbour has (the MR spleen's and liver's on thick slices) is cut back,
     # while the propagation itself goes on from the first mask, so the check never feeds the chain.
     # The slice is handed out one step later (when its next neighbour is decided).
     neighbour_check: bool = True
@@ -402,7 +402,7 @@ def anchor_intensity_range(image: np.ndarray, mask: np.ndarray, policy: PromptPo
         from scipy import ndimage
 
         core = ndimage.binary_erosion(mask, iterations=policy.range_core_erosion)
-        if np.count_nonzero(core) >= policy.range_core_min_area * np.count_nonzero(mask):
+        if core.any() and np.count_nonzero(core) >= policy.range_core_min_area * np.count_nonzero(mask):
             core_lo, core_hi = (float(v) for v in np.percentile(image[core], (5, 95)))
             lo, hi = max(lo, core_lo), min(hi, core_hi)
     return lo, hi
