@@ -861,11 +861,11 @@ class _Propagation:
         shared = below & above
         if not shared.any():
             return decided
-        pad = self.policy.neighbour_padding
-        x0, y0, x1, y1 = mask_bbox(shared)
-        box = clip_box(np.array([x0 - pad, y0 - pad, x1 + pad, y1 + pad], dtype=np.float64), *own.shape)
+        # the box of what the neighbours share + neighbour_padding px, as the policy pads a previous mask's box
+        _, prompts, _ = self.policy.fixed(self.policy.neighbour_padding).candidates(shared, None)[0]
         ref = SliceRef(self.axis, index)
-        pred = self.session.decode(ref, Prompts(box=self._clip_to_bounds(box, widen=True)), priority=PRIORITY_PROPAGATION)
+        pred = self.session.decode(ref, Prompts(box=self._clip_to_bounds(prompts.box, widen=True)),
+                                   priority=PRIORITY_PROPAGATION)
         pred = self.policy.threshold(self._clip_prediction(pred))
         if not 0 < pred.area < np.count_nonzero(own):
             return decided
