@@ -11,8 +11,9 @@ the gap is filled from both ends at once, so each slice is predicted from its ne
 Boxes drawn on slices (``boxes``) are anchors too, once decoded; a slice between two of them is
 prompted with the box interpolated between them averaged with its neighbour's mask box. A 3D box
 (``bounds``, a ``Box3D``) is a prompt of its own: its in-plane box seeds its middle slice (the
-seed mask decoded once more from its own box, ``PromptPolicy.seed_refits``), and nothing is written
-outside it.
+seed mask decoded once more from its own box, ``PromptPolicy.seed_refits``), nothing is written
+and outside it; on its last slices the structure's tip is decoded from the previous mask's own box
+(``PromptPolicy.box_end_tip``).
 
 A mask that leaks into a neighbour of other intensity (the MR liver on thick slices) is cut back
 to the anchor's intensity range (``PromptPolicy.trim_below``), and a slice once both its
@@ -160,6 +161,20 @@ class PromptPolicy:
     seed_refit_score_drop: float = 0.02
     seed_refit_min_area: float = 0.85
     box_end_no_rescue: int = 1
+    # The structure's tip at the 3D box's end. The box says where the structure ends; there it tapers,
+    # and its last cross-section lies within the one before it, whereas the tracks' padded boxes take
+    # in what surrounds a tapering end (fat, the hilum's vessels). So the box's last slice is decoded
+    # from the previous mask's box + tip_padding px:
+    # - box_end_tip: where that slice is inside the volume (a box face on the volume's edge says
+    #   nothing about the structure's end: the scan cuts the structure there);
+    # - box_end_tip_below: where the stop rules would end a front one slice short of the box's last
+    #   slice (volume edge or not), that slice still gets this mask when it keeps less than
+    #   box_end_tip_below of the previous area: the box says the structure reaches that slice, whose
+    #   tip, mostly partial volume, fails the intensity rules; a mask as large as the previous one
+    #   there is no tip (0 disables).
+    tip_padding: float = 0.0
+    box_end_tip: bool = True
+    box_end_tip_below: float = 0.6
     # The anchor's intensity range (trim, stop and rescue rules) is its mask's 5th-95th percentiles. On
     # a large structure it is narrowed to those of the mask's interior (range_core_erosion px in from
     # its edge) when that interior keeps at least range_core_min_area of the mask: the edge holds
@@ -813,25 +828,34 @@ class _Propagation:
             pred = self.session.decode(ref, prompts, mask_input=mask_input, priority=PRIORITY_PROPAGATION)
             return self._clip_prediction(pred)
 
-        name, pred = front.predict(decode, self.policy)
         to_box_end = None
         if self.bounds is not None and front.limit_reason == StopReason.BOX_END:
             to_box_end = (front.limit - nxt) * front.step
+        if to_box_end == 0 and self.policy.box_end_tip:  # the structure ends here: its tip
+            name, pred = self._decode_tip(nxt, front.mask)
+            name += " (the 3D box's end)"
+        else:
+            name, pred = front.predict(decode, self.policy)
         if self.policy.rescue_below > 0 and (to_box_end is None or to_box_end >= self.policy.box_end_no_rescue):
             rescued = self._rescue(front, pred, decode, lambda: self.session.slice_image(ref))
             if rescued is not None:
                 pred, name = rescued, name + " (cut short: rescued with a looser box)"
         overlap = iou(front.mask, pred.mask)
         reason = front.stop_reason(pred, overlap, self.rules, lambda: self.session.slice_image(ref))
-        if reason is not None:
-            return self._stop(front, reason, nxt)
-        if self.policy.trim_below > 0:
+        if reason is None and self.policy.trim_below > 0:
             trimmed = _trim(self.session.slice_image(ref), pred.mask, front.intensity_range, front.mask, self.policy)
             if trimmed is not None:
                 if front.ending(int(trimmed.sum()), self.policy):
-                    return self._stop(front, StopReason.INTENSITY, nxt)
-                pred, name = dataclasses.replace(pred, mask=trimmed), name + " (trimmed to the anchor's intensities)"
-                overlap = iou(front.mask, pred.mask)
+                    reason = StopReason.INTENSITY
+                else:
+                    pred, name = dataclasses.replace(pred, mask=trimmed), name + " (trimmed to the anchor's intensities)"
+                    overlap = iou(front.mask, pred.mask)
+        if reason is not None:
+            tip = self._tip_short_of_box_end(front, nxt)
+            if tip is None:
+                return self._stop(front, reason, nxt)
+            name, pred = tip
+            overlap = iou(front.mask, pred.mask)
         outcome = SliceOutcome(nxt, front.index, front.step, pred.score, pred.area, overlap, name)
         self.claimed.add(nxt)
         self.decided[nxt] = pred.mask
@@ -903,6 +927,29 @@ class _Propagation:
         if intensity_agreement(slice_image, added, front.intensity_range) < policy.rescue_added_agreement:
             return None
         return best
+
+    def _decode_tip(self, index: int, previous: np.ndarray) -> tuple[str, Prediction]:
+        """(candidate name, prediction) of slice ``index`` decoded from the box of ``previous`` (its
+        neighbour's mask) + ``PromptPolicy.tip_padding`` px, kept inside the 3D box: a structure's
+        tapering end lies within that box (see ``PromptPolicy.box_end_tip``)."""
+        name, prompts, _ = self.policy.fixed(self.policy.tip_padding).candidates(previous, None)[0]
+        pred = self.session.decode(SliceRef(self.axis, index), Prompts(box=self._clip_to_bounds(prompts.box, widen=True)),
+                                   priority=PRIORITY_PROPAGATION)
+        return name, self.policy.threshold(self._clip_prediction(pred))
+
+    def _tip_short_of_box_end(self, front: _Front, index: int) -> tuple[str, Prediction] | None:
+        """(name, prediction) of the structure's tip on the 3D box's last slice ``index``, where the stop
+        rules would end ``front`` one slice short of it, or None when ``index`` is not the box's last
+        slice or the mask there does not taper (see ``PromptPolicy.box_end_tip_below``)."""
+        if self.bounds is None or self.policy.box_end_tip_below <= 0:
+            return None
+        first, last = self.bounds.slice_range(self.axis)
+        if index != (last if front.step > 0 else first):
+            return None
+        name, pred = self._decode_tip(index, front.mask)
+        if not 0 < pred.area < self.policy.box_end_tip_below * np.count_nonzero(front.mask):
+            return None
+        return name + " (the 3D box's end: the structure's tip)", pred
 
     def _guide(self, index: int) -> np.ndarray | None:
         """The box for slice ``index`` interpolated between the nearest drawn boxes below and above

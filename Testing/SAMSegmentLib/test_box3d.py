@@ -204,16 +204,72 @@ def test_3d_box_end_is_a_taper_not_a_cut_to_rescue(session):
     a quarter of the area of the slice before it; a looser box would "rescue" the small mask there to
     about twice the kidney's size.
     The box says the structure ends on that slice, so the small mask is its end
-    (``PromptPolicy.box_end_no_rescue``)."""
+    (``PromptPolicy.box_end_no_rescue``; measured with that slice decoded as any other, not from the
+    previous mask's own box, which ``box_end_tip`` pins below)."""
     vol, ref = thick_sample("ct-abdomen-3mm", "kidney_left", 3)
     session.set_volume(vol)
     k = int(ref.sum(axis=(1, 2)).argmax())
     bounds = Box3D.from_mask(ref)
     last = bounds.slice_range(0)[1]
     runs = {n: propagate(session, 0, boxes={k: bounds.plane_box(0)}, bounds=bounds,
-                         policy=PromptPolicy(box_end_no_rescue=n)) for n in (1, 0)}
+                         policy=PromptPolicy(box_end_no_rescue=n, box_end_tip=False)) for n in (1, 0)}
     assert "rescued" in runs[0].outcomes[last].candidate
     assert "rescued" not in runs[1].outcomes[last].candidate
     assert runs[1].masks[last].sum() < runs[0].masks[last].sum()
     assert dice(runs[1].masks[last], ref[last]) > dice(runs[0].masks[last], ref[last])
     assert dice(runs[1].to_volume(vol.shape), ref) > dice(runs[0].to_volume(vol.shape), ref)
+
+
+@pytest.mark.slow  # encodes 10 CT slices, two propagations
+@needs_sample("ct-abdomen-3mm")
+def test_3d_box_end_inside_the_volume_is_decoded_from_the_previous_box_unpadded(session):
+    """On the CT right kidney taken every 3rd slice the kidney ends inside the volume on the box's upper
+    end (about a third of the area of the slice before) and is cut by the scan at its lower end. The
+    padded box from the slice before takes in fat around the tapering end; the previous mask's own box
+    (``PromptPolicy.box_end_tip``, ``tip_padding`` 0) bounds the tip. A box face on the volume's edge says nothing
+    about where the structure ends: that slice is decoded as any other."""
+    vol, ref = thick_sample("ct-abdomen-3mm", "kidney_right", 3)
+    session.set_volume(vol)
+    k = int(ref.sum(axis=(1, 2)).argmax())
+    bounds = Box3D.from_mask(ref)
+    first, last = bounds.slice_range(0)
+    assert first == 0 and last < vol.shape[0] - 1
+    runs = {tip: propagate(session, 0, boxes={k: bounds.plane_box(0)}, bounds=bounds,
+                           policy=PromptPolicy(box_end_tip=tip)) for tip in (True, False)}
+    assert PromptPolicy().box_end_tip and PromptPolicy().tip_padding == 0.0
+    assert "3D box's end" in runs[True].outcomes[last].candidate
+    assert "3D box's end" not in runs[False].outcomes[last].candidate
+    assert runs[True].masks[last].sum() < runs[False].masks[last].sum()
+    assert dice(runs[True].masks[last], ref[last]) > dice(runs[False].masks[last], ref[last]) + 0.03
+    np.testing.assert_array_equal(runs[True].masks[first], runs[False].masks[first])  # the volume's edge
+    assert dice(runs[True].to_volume(vol.shape), ref) > dice(runs[False].to_volume(vol.shape), ref)
+
+
+@pytest.mark.slow  # encodes 10 CT slices, three propagations
+@needs_sample("ct-abdomen-3mm")
+def test_3d_box_last_slice_gets_the_structures_tip_where_the_stop_rules_end_one_short(session):
+    """The CT spleen taken every 3rd slice ends on the volume's first slice with a tip of 27 px, mostly
+    partial volume: its intensities fail the stop rule, so the front stops on the slice before. The
+    3D box says the spleen reaches that slice, so it gets the mask of the previous mask's box, as long
+    as that mask tapers (keeps less than ``PromptPolicy.box_end_tip_below`` of the previous area; the
+    tip keeps about a quarter). Without the 3D box (one box) the front stops there as before."""
+    vol, ref = thick_sample("ct-abdomen-3mm", "spleen", 3)
+    session.set_volume(vol)
+    k = int(ref.sum(axis=(1, 2)).argmax())
+    bounds = Box3D.from_mask(ref)
+    first = bounds.slice_range(0)[0]
+    assert first == 0 and 0 < ref[first].sum() < 0.3 * ref[first + 1].sum()
+    runs = {below: propagate(session, 0, boxes={k: bounds.plane_box(0)}, bounds=bounds,
+                             policy=PromptPolicy(box_end_tip_below=below)) for below in (0.6, 0.2, 0.0)}
+    assert PromptPolicy().box_end_tip_below == 0.6
+    tip = runs[0.6].masks[first]
+    assert "structure's tip" in runs[0.6].outcomes[first].candidate
+    assert dice(tip, ref[first]) > 0.8
+    for below in (0.2, 0.0):  # a tip kept to less than 20 % of the previous area, or none: the front stops
+        assert first not in runs[below].masks
+        down = [stop for stop in runs[below].stops if stop.direction == -1]
+        assert down[0].reason == StopReason.INTENSITY and down[0].at_index == first
+    assert dice(runs[0.6].to_volume(vol.shape), ref) > dice(runs[0.0].to_volume(vol.shape), ref)
+    anchor = session.predict(SliceRef(0, k), Prompts(box=bounds.plane_box(0))).mask
+    one_box = propagate(session, 0, {k: anchor})
+    assert first not in one_box.masks
