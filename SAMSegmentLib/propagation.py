@@ -12,7 +12,7 @@ Boxes drawn on slices (``boxes``) are anchors too, once decoded; a slice between
 prompted with the box interpolated between them averaged with its neighbour's mask box. A 3D box
 (``bounds``, a ``Box3D``) is a prompt of its own: its in-plane box seeds its middle slice (the
 seed mask decoded once more from its own box, ``PromptPolicy.seed_refits``), nothing is written
-and outside it; on its last slices the structure's tip is decoded from the previous mask's own box
+outside it, and on its last slices the structure's tip is decoded from the previous mask's own box
 (``PromptPolicy.box_end_tip``).
 
 A mask that leaks into a neighbour of other intensity (the MR liver on thick slices) is cut back
@@ -831,9 +831,10 @@ class _Propagation:
         to_box_end = None
         if self.bounds is not None and front.limit_reason == StopReason.BOX_END:
             to_box_end = (front.limit - nxt) * front.step
+        tip = None  # the slice decoded from the previous mask's own box, once decoded
         if to_box_end == 0 and self.policy.box_end_tip:  # the structure ends here: its tip
-            name, pred = self._decode_tip(nxt, front.mask)
-            name += " (the 3D box's end)"
+            tip = self._decode_tip(nxt, front.mask)
+            name, pred = tip[0] + " (the 3D box's end)", tip[1]
         else:
             name, pred = front.predict(decode, self.policy)
         if self.policy.rescue_below > 0 and (to_box_end is None or to_box_end >= self.policy.box_end_no_rescue):
@@ -851,10 +852,10 @@ class _Propagation:
                     pred, name = dataclasses.replace(pred, mask=trimmed), name + " (trimmed to the anchor's intensities)"
                     overlap = iou(front.mask, pred.mask)
         if reason is not None:
-            tip = self._tip_short_of_box_end(front, nxt)
-            if tip is None:
+            short = self._tip_short_of_box_end(front, nxt, tip)
+            if short is None:
                 return self._stop(front, reason, nxt)
-            name, pred = tip
+            name, pred = short
             overlap = iou(front.mask, pred.mask)
         outcome = SliceOutcome(nxt, front.index, front.step, pred.score, pred.area, overlap, name)
         self.claimed.add(nxt)
@@ -937,16 +938,18 @@ class _Propagation:
                                    priority=PRIORITY_PROPAGATION)
         return name, self.policy.threshold(self._clip_prediction(pred))
 
-    def _tip_short_of_box_end(self, front: _Front, index: int) -> tuple[str, Prediction] | None:
+    def _tip_short_of_box_end(self, front: _Front, index: int,
+                              decoded: tuple[str, Prediction] | None = None) -> tuple[str, Prediction] | None:
         """(name, prediction) of the structure's tip on the 3D box's last slice ``index``, where the stop
         rules would end ``front`` one slice short of it, or None when ``index`` is not the box's last
-        slice or the mask there does not taper (see ``PromptPolicy.box_end_tip_below``)."""
+        slice or the mask there does not taper (see ``PromptPolicy.box_end_tip_below``). ``decoded``:
+        ``_decode_tip``'s result for that slice when the caller has it already (not decoded again)."""
         if self.bounds is None or self.policy.box_end_tip_below <= 0:
             return None
         first, last = self.bounds.slice_range(self.axis)
         if index != (last if front.step > 0 else first):
             return None
-        name, pred = self._decode_tip(index, front.mask)
+        name, pred = decoded if decoded is not None else self._decode_tip(index, front.mask)
         if not 0 < pred.area < self.policy.box_end_tip_below * np.count_nonzero(front.mask):
             return None
         return name + " (the 3D box's end: the structure's tip)", pred
