@@ -19,7 +19,8 @@ A mask that leaks into a neighbour of other intensity (the MR liver on thick sli
 to the anchor's intensity range (``PromptPolicy.trim_below``), and a slice once both its
 neighbours are decided is decoded again from what they share and takes that mask when it is smaller
 and agrees better with both (``PromptPolicy.neighbour_check``; the chain goes on from the first
-masks).
+masks); a front's last slice on the volume's edge, which has one neighbour, is decoded again from
+tighter boxes around that neighbour's mask (``PromptPolicy.edge_paddings``).
 
 ``propagate_iter`` is a generator over the decided slices, as SAM2's ``propagate_in_video``: the
 caller sets the pace and stops the run by no longer iterating. ``propagate`` collects it into a
@@ -183,6 +184,12 @@ class PromptPolicy:
     # interior is not its tissue (a kidney's medulla without its cortex): its range stays whole.
     range_core_erosion: int = 4
     range_core_min_area: float = 0.5
+    # The volume's edge. A front's last slice on the volume's first or last slice has one neighbour, so
+    # no second look; there the scan cuts the structure, and the loose box carries the previous slice's
+    # slack past the cut (the CT right kidney's hilum on the scan's first slice). That slice is decoded
+    # again from its neighbour's mask box + each of edge_paddings px and takes the smaller mask that
+    # agrees best with the neighbour (Dice), where it agrees better than its own. () disables.
+    edge_paddings: tuple[float, ...] = (0.0, 1.0)
 
     def calibrate(self, decode: Callable[[Prompts], Prediction], anchor_mask: np.ndarray) -> float:
         """How much of the anchor's area the tight-box loop keeps on the anchor's own slice.
@@ -833,7 +840,7 @@ class _Propagation:
             to_box_end = (front.limit - nxt) * front.step
         tip = None  # the slice decoded from the previous mask's own box, once decoded
         if to_box_end == 0 and self.policy.box_end_tip:  # the structure ends here: its tip
-            tip = self._decode_tip(nxt, front.mask)
+            tip = self._decode_around(nxt, front.mask, self.policy.tip_padding)
             name, pred = tip[0] + " (the 3D box's end)", tip[1]
         else:
             name, pred = front.predict(decode, self.policy)
@@ -871,6 +878,8 @@ class _Propagation:
         try:
             if look and self.policy.neighbour_check:
                 decided = self._second_look(decided)
+            if look and self.policy.edge_paddings:
+                decided = self._edge_look(decided)
         finally:
             self.result.masks[decided.index] = decided.mask
             self.result.outcomes[decided.index] = decided.outcome
@@ -886,12 +895,7 @@ class _Propagation:
         shared = below & above
         if not shared.any():
             return decided
-        # the box of what the neighbours share + neighbour_padding px, as the policy pads a previous mask's box
-        _, prompts, _ = self.policy.fixed(self.policy.neighbour_padding).candidates(shared, None)[0]
-        ref = SliceRef(self.axis, index)
-        pred = self.session.decode(ref, Prompts(box=self._clip_to_bounds(prompts.box, widen=True)),
-                                   priority=PRIORITY_PROPAGATION)
-        pred = self.policy.threshold(self._clip_prediction(pred))
+        _, pred = self._decode_around(index, shared, self.policy.neighbour_padding)
         if not 0 < pred.area < np.count_nonzero(own):
             return decided
         if dice(pred.mask, below) + dice(pred.mask, above) <= dice(own, below) + dice(own, above):
@@ -899,6 +903,28 @@ class _Propagation:
         outcome = dataclasses.replace(decided.outcome, score=pred.score, area=pred.area,
                                       iou_previous=iou(self.decided[decided.outcome.from_index], pred.mask),
                                       candidate=decided.outcome.candidate + " (second look: from what both neighbours share)")
+        return PropagatedSlice(index, pred.mask, outcome)
+
+    def _edge_look(self, decided: PropagatedSlice) -> PropagatedSlice:
+        """``decided``, or, on the volume's first or last slice, that slice decoded again from tighter boxes
+        around its one neighbour's mask when the mask is smaller and agrees better with the neighbour
+        (see ``PromptPolicy.edge_paddings``)."""
+        index, own = decided.index, decided.mask
+        last = self.session.shape[self.axis] - 1
+        neighbour = self.decided.get(1 if index == 0 else last - 1) if index in (0, last) and last > 0 else None
+        if neighbour is None:
+            return decided
+        best, best_agreement = None, dice(own, neighbour)
+        for padding in self.policy.edge_paddings:
+            name, pred = self._decode_around(index, neighbour, padding)
+            agreement = dice(pred.mask, neighbour)
+            if 0 < pred.area < np.count_nonzero(own) and agreement > best_agreement:
+                best, best_agreement = (name, pred), agreement
+        if best is None:
+            return decided
+        name, pred = best
+        outcome = dataclasses.replace(decided.outcome, score=pred.score, area=pred.area, iou_previous=iou(neighbour, pred.mask),
+                                      candidate=decided.outcome.candidate + f" (the volume's edge: {name} around its neighbour)")
         return PropagatedSlice(index, pred.mask, outcome)
 
     def _rescue(self, front: _Front, pred: Prediction, decode: Decode,
@@ -929,11 +955,11 @@ class _Propagation:
             return None
         return best
 
-    def _decode_tip(self, index: int, previous: np.ndarray) -> tuple[str, Prediction]:
-        """(candidate name, prediction) of slice ``index`` decoded from the box of ``previous`` (its
-        neighbour's mask) + ``PromptPolicy.tip_padding`` px, kept inside the 3D box: a structure's
-        tapering end lies within that box (see ``PromptPolicy.box_end_tip``)."""
-        name, prompts, _ = self.policy.fixed(self.policy.tip_padding).candidates(previous, None)[0]
+    def _decode_around(self, index: int, mask: np.ndarray, padding: float) -> tuple[str, Prediction]:
+        """(candidate name, prediction) of slice ``index`` decoded from the box of ``mask`` (a neighbour's
+        mask, or what two neighbours share) + ``padding`` px, kept inside the 3D box, thresholded as the
+        policy thresholds every candidate."""
+        name, prompts, _ = self.policy.fixed(padding).candidates(mask, None)[0]
         pred = self.session.decode(SliceRef(self.axis, index), Prompts(box=self._clip_to_bounds(prompts.box, widen=True)),
                                    priority=PRIORITY_PROPAGATION)
         return name, self.policy.threshold(self._clip_prediction(pred))
@@ -943,13 +969,13 @@ class _Propagation:
         """(name, prediction) of the structure's tip on the 3D box's last slice ``index``, where the stop
         rules would end ``front`` one slice short of it, or None when ``index`` is not the box's last
         slice or the mask there does not taper (see ``PromptPolicy.box_end_tip_below``). ``decoded``:
-        ``_decode_tip``'s result for that slice when the caller has it already (not decoded again)."""
+        ``_decode_around``'s result for that slice when the caller has it already (not decoded again)."""
         if self.bounds is None or self.policy.box_end_tip_below <= 0:
             return None
         first, last = self.bounds.slice_range(self.axis)
         if index != (last if front.step > 0 else first):
             return None
-        name, pred = decoded if decoded is not None else self._decode_tip(index, front.mask)
+        name, pred = decoded if decoded is not None else self._decode_around(index, front.mask, self.policy.tip_padding)
         if not 0 < pred.area < self.policy.box_end_tip_below * np.count_nonzero(front.mask):
             return None
         return name + " (the 3D box's end: the structure's tip)", pred
