@@ -186,9 +186,10 @@ class PromptPolicy:
     range_core_min_area: float = 0.5
     # The volume's edge. A front's last slice on the volume's first or last slice has one neighbour, so
     # no second look; there the scan cuts the structure, and the loose box carries the previous slice's
-    # slack past the cut (the CT right kidney's hilum on the scan's first slice). That slice is decoded
-    # again from its neighbour's mask box + each of edge_paddings px and takes the smaller mask that
-    # agrees best with the neighbour (Dice), where it agrees better than its own. () disables.
+    # slack past the cut (the CT right kidney's hilum on the scan's first slice). Such a slice, larger
+    # than its neighbour's mask, is decoded again from the neighbour's mask box + each of edge_paddings
+    # px and takes the smaller mask that agrees best with the neighbour (Dice), where it agrees better
+    # than its own. () disables.
     edge_paddings: tuple[float, ...] = (0.0, 1.0)
 
     def calibrate(self, decode: Callable[[Prompts], Prediction], anchor_mask: np.ndarray) -> float:
@@ -906,13 +907,13 @@ class _Propagation:
         return PropagatedSlice(index, pred.mask, outcome)
 
     def _edge_look(self, decided: PropagatedSlice) -> PropagatedSlice:
-        """``decided``, or, on the volume's first or last slice, that slice decoded again from tighter boxes
-        around its one neighbour's mask when the mask is smaller and agrees better with the neighbour
-        (see ``PromptPolicy.edge_paddings``)."""
+        """``decided``, or, on the volume's first or last slice where its mask is larger than its one
+        neighbour's, that slice decoded again from tighter boxes around the neighbour's mask when that
+        mask is smaller and agrees better with the neighbour (see ``PromptPolicy.edge_paddings``)."""
         index, own = decided.index, decided.mask
         last = self.session.shape[self.axis] - 1
         neighbour = self.decided.get(1 if index == 0 else last - 1) if index in (0, last) and last > 0 else None
-        if neighbour is None:
+        if neighbour is None or np.count_nonzero(own) <= np.count_nonzero(neighbour):
             return decided
         best, best_agreement = None, dice(own, neighbour)
         for padding in self.policy.edge_paddings:
