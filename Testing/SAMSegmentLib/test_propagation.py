@@ -524,6 +524,16 @@ def test_thick_mr_spleen_second_look_cuts_what_neither_neighbour_has(session):
     assert dice(vol_with, ref) > dice(vol_without, ref) + 0.01
 
 
+def with_and_without_edge_rule(session, structure: str, stride: int):
+    """(volume, reference, anchor slice, anchor mask, result, result without ``PromptPolicy.edge_paddings``)
+    of one box on the CT sample's ``structure`` taken every ``stride``-th slice."""
+    vol, ref = thick_sample("ct-abdomen-3mm", structure, stride)
+    session.set_volume(vol)
+    k = int(ref.sum(axis=(1, 2)).argmax())
+    a = anchor_mask(session, ref, k)
+    return vol, ref, k, a, propagate(session, 0, {k: a}), propagate(session, 0, {k: a}, policy=PromptPolicy(edge_paddings=()))
+
+
 @pytest.mark.slow  # encodes 25 CT slices, four propagations
 @needs_sample("ct-abdomen-3mm")
 def test_thick_ct_right_kidney_volume_edge_slice_from_a_tighter_box(session):
@@ -533,12 +543,7 @@ def test_thick_ct_right_kidney_volume_edge_slice_from_a_tighter_box(session):
     tighter boxes around that neighbour's mask (``PromptPolicy.edge_paddings``), it gets the smaller
     mask that agrees better with the neighbour; no other slice changes. An edge slice smaller than its
     neighbour (the CT stomach's last at stride 3) carries no slack and is left as decided."""
-    vol, ref = thick_sample("ct-abdomen-3mm", "kidney_right", 2)
-    session.set_volume(vol)
-    k = int(ref.sum(axis=(1, 2)).argmax())
-    a = anchor_mask(session, ref, k)
-    default = propagate(session, 0, {k: a})
-    without = propagate(session, 0, {k: a}, policy=PromptPolicy(edge_paddings=()))
+    vol, ref, k, a, default, without = with_and_without_edge_rule(session, "kidney_right", 2)
     assert any(s.direction == -1 and s.reason == StopReason.VOLUME_EDGE for s in default.stops)
     assert sorted(default.masks) == sorted(without.masks) and 0 in default.masks
     for i in default.masks:
@@ -550,12 +555,7 @@ def test_thick_ct_right_kidney_volume_edge_slice_from_a_tighter_box(session):
     assert dice(edge, default.masks[1]) > dice(before, without.masks[1])
     assert dice(edge, ref[0]) > dice(before, ref[0]) + 0.02
     assert dice(default.to_volume(vol.shape, {k: a}), ref) > dice(without.to_volume(vol.shape, {k: a}), ref)
-    vol, ref = thick_sample("ct-abdomen-3mm", "stomach", 3)
-    session.set_volume(vol)
-    k = int(ref.sum(axis=(1, 2)).argmax())
-    a = anchor_mask(session, ref, k)
-    default = propagate(session, 0, {k: a})
-    without = propagate(session, 0, {k: a}, policy=PromptPolicy(edge_paddings=()))
+    vol, _, _, _, default, without = with_and_without_edge_rule(session, "stomach", 3)
     last = len(vol) - 1
     assert last in default.masks and default.masks[last].sum() < default.masks[last - 1].sum()
     assert sorted(default.masks) == sorted(without.masks)
