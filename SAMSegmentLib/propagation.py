@@ -901,10 +901,15 @@ class _Propagation:
             return decided
         if dice(pred.mask, below) + dice(pred.mask, above) <= dice(own, below) + dice(own, above):
             return decided
+        return self._looked_again(decided, pred, "second look: from what both neighbours share")
+
+    def _looked_again(self, decided: PropagatedSlice, pred: Prediction, how: str) -> PropagatedSlice:
+        """``decided``'s slice with the mask ``pred`` of a second decode: its outcome measured again against
+        the slice it was decided from, and ``how`` it was decoded added to its candidate's name."""
         outcome = dataclasses.replace(decided.outcome, score=pred.score, area=pred.area,
                                       iou_previous=iou(self.decided[decided.outcome.from_index], pred.mask),
-                                      candidate=decided.outcome.candidate + " (second look: from what both neighbours share)")
-        return PropagatedSlice(index, pred.mask, outcome)
+                                      candidate=f"{decided.outcome.candidate} ({how})")
+        return PropagatedSlice(decided.index, pred.mask, outcome)
 
     def _edge_look(self, decided: PropagatedSlice) -> PropagatedSlice:
         """``decided``, or, on the volume's first or last slice where its mask is larger than its one
@@ -913,20 +918,19 @@ class _Propagation:
         index, own = decided.index, decided.mask
         last = self.session.shape[self.axis] - 1
         neighbour = self.decided.get(1 if index == 0 else last - 1) if index in (0, last) and last > 0 else None
-        if neighbour is None or np.count_nonzero(own) <= np.count_nonzero(neighbour):
+        own_area = np.count_nonzero(own)
+        if neighbour is None or own_area <= np.count_nonzero(neighbour):
             return decided
         best, best_agreement = None, dice(own, neighbour)
         for padding in self.policy.edge_paddings:
             name, pred = self._decode_around(index, neighbour, padding)
             agreement = dice(pred.mask, neighbour)
-            if 0 < pred.area < np.count_nonzero(own) and agreement > best_agreement:
+            if 0 < pred.area < own_area and agreement > best_agreement:
                 best, best_agreement = (name, pred), agreement
         if best is None:
             return decided
-        name, pred = best
-        outcome = dataclasses.replace(decided.outcome, score=pred.score, area=pred.area, iou_previous=iou(neighbour, pred.mask),
-                                      candidate=decided.outcome.candidate + f" (the volume's edge: {name} around its neighbour)")
-        return PropagatedSlice(index, pred.mask, outcome)
+        name, pred = best  # the neighbour is the slice it was decided from: the front ends here
+        return self._looked_again(decided, pred, f"the volume's edge: {name} around its neighbour")
 
     def _rescue(self, front: _Front, pred: Prediction, decode: Decode,
                 image: Callable[[], np.ndarray]) -> Prediction | None:
