@@ -733,15 +733,7 @@ def _build_panel(layout):
     form.addRow(_("Min IoU with previous:"), ui.minIoU)
     form.addRow(_("Min score:"), ui.minScore)
     form.addRow(_("Min intensity agreement:"), ui.minIntensity)
-    row = qt.QHBoxLayout()
-    ui.propagateButton = qt.QPushButton(_("Propagate"))
-    ui.cancelButton = qt.QPushButton(_("Cancel"))
-    ui.cancelButton.enabled = False
-    row.addWidget(ui.propagateButton)
-    row.addWidget(ui.cancelButton)
-    form.addRow(row)
-    ui.progressBar = qt.QProgressBar()
-    form.addRow(ui.progressBar)
+    ui.propagateButton, ui.cancelButton, ui.progressBar = _job_controls(form, _("Propagate"))
 
     automatic = ctk.ctkCollapsibleButton()
     automatic.text = _("Automatic and uncertainty")
@@ -776,17 +768,9 @@ def _build_panel(layout):
                        "segment or volume returns to the stock model."))
     note.wordWrap = True
     form.addRow(note)
-    row = qt.QHBoxLayout()
-    ui.adaptButton = qt.QPushButton(_("Adapt to accepted slices"))
+    ui.adaptButton, ui.adaptCancelButton, ui.adaptProgressBar = _job_controls(form, _("Adapt to accepted slices"))
     ui.adaptButton.toolTip = _("Train on the selected segment's accepted slices along the view's axis; prompts, "
                                "propagation and everything mode then use the adapted model when it does better.")
-    ui.adaptCancelButton = qt.QPushButton(_("Cancel"))
-    ui.adaptCancelButton.enabled = False
-    row.addWidget(ui.adaptButton)
-    row.addWidget(ui.adaptCancelButton)
-    form.addRow(row)
-    ui.adaptProgressBar = qt.QProgressBar()
-    form.addRow(ui.adaptProgressBar)
     ui.adaptReport = qt.QLabel(_("Stock model in use."))
     ui.adaptReport.wordWrap = True
     form.addRow(_("Model:"), ui.adaptReport)
@@ -809,6 +793,20 @@ def _build_panel(layout):
     layout.addWidget(ui.statusLabel)
     layout.addStretch(1)
     return ui
+
+
+def _job_controls(form, label):
+    """A long job's controls added to ``form``: its start button (``label``) beside a Cancel button, which
+    stays disabled until the job runs, and a progress bar below them. Returns (start, cancel, progress)."""
+    start, cancel = qt.QPushButton(label), qt.QPushButton(_("Cancel"))
+    cancel.enabled = False
+    row = qt.QHBoxLayout()
+    row.addWidget(start)
+    row.addWidget(cancel)
+    form.addRow(row)
+    progress = qt.QProgressBar()
+    form.addRow(progress)
+    return start, cancel, progress
 
 
 def _node_combo(classes, tip, add=False):
