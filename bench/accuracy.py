@@ -2,7 +2,7 @@
 every slice), printed as JSON.
 
 Usage: python bench/accuracy.py [--data ../shared/data] [--cache-dir DIR] [--held-out] [--stride 1 2 3] [--quick]
-       [--samples ct mr] [--structures liver spleen] [--boxes]
+       [--samples ct mr] [--structures liver spleen] [--boxes] [--padding-offsets -0.5 0.5]
 The box on the anchor slice is the reference mask's bounding box on the structure's largest
 axial slice (what a user would drag); everything after that uses only the model's own output.
 ``dice`` is the default path (``predict`` adds the model's box margin to that tight box);
@@ -21,6 +21,10 @@ the largest slice and on the slices at 20 % and 80 % of the structure's extent, 
 (``propagate(..., boxes=...)``). ``--quick`` leaves out the fixed-policy, as-drawn and
 oracle-as-drawn columns. ``summary`` lists one box / 3D box / oracle per stride and structure.
 
+``--padding-offsets -0.5 0.5`` adds ``padding_offsets``: one box and 3D box again with the default policy's
+tight and loose paddings both moved by each offset (px), and in ``summary`` the range of each over the
+offsets and the default: how much of a difference between two figures half a pixel of box already makes.
+
 ``--held-out`` adds, at every stride given, every other labelled structure of the two samples that
 spans >= 4 slices and >= 100 px on its largest one: the default prompt policy against its loose
 (+3 px) and tight (+2 px) boxes alone, from the widened and from the as-drawn anchor; and the 3D box
@@ -33,6 +37,7 @@ has it per stride.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -72,8 +77,15 @@ def outside_reference(written: list[int], ref3: np.ndarray) -> list[int]:
     return [int(sum(i < present[0] for i in written)), int(sum(i > present[-1] for i in written))]
 
 
+def shifted_policy(offset: float) -> PromptPolicy:
+    """The default policy with its tight and loose paddings both moved by ``offset`` px."""
+    policy = PromptPolicy()
+    return dataclasses.replace(policy, tight_padding=policy.tight_padding + offset,
+                               safe_padding=policy.safe_padding + offset)
+
+
 def evaluate(session: SegmentationSession, labels: np.ndarray, value: int, quick: bool = False,
-             boxes3: bool = False) -> dict:
+             boxes3: bool = False, padding_offsets: tuple[float, ...] = ()) -> dict:
     ref3 = labels == value
     if not ref3.any():
         return {"absent": True}
@@ -107,6 +119,14 @@ def evaluate(session: SegmentationSession, labels: np.ndarray, value: int, quick
         boxes = {i: mask_bbox(ref3[i]) for i in picks}
         extra["boxes3_dice"] = round(dice(propagate(session, 0, boxes=boxes).to_volume(labels.shape), ref3), 4)
         extra["boxes3_slices"] = picks
+    if padding_offsets:
+        shifted = extra["padding_offsets"] = {}
+        for offset in padding_offsets:
+            policy = shifted_policy(offset)
+            one = propagate(session, 0, {k: anchor}, policy=policy).to_volume(labels.shape, {k: anchor})
+            in_box = propagate(session, 0, boxes={k: bounds.plane_box(0)}, bounds=bounds, policy=policy)
+            shifted[f"{offset:+g}px"] = {"dice": round(dice(one, ref3), 4),
+                                         "box3d_dice": round(dice(in_box.to_volume(labels.shape), ref3), 4)}
     oracle, oracle_drawn = np.zeros_like(ref3), np.zeros_like(ref3)
     for i in np.nonzero(ref3.any(axis=(1, 2)))[0]:
         box = Prompts(box=mask_bbox(ref3[i]))
@@ -129,6 +149,17 @@ def evaluate(session: SegmentationSession, labels: np.ndarray, value: int, quick
 
 HELD_OUT_POLICIES = {"default": PromptPolicy(), "loose_box_only": LOOSE_ONLY, "tight_box_only": TIGHT_ONLY}
 HELD_OUT_BOX3D_POLICIES = {"default": PromptPolicy(), "without_box_end_tip": PromptPolicy(box_end_tip=False, box_end_tip_below=0.0)}
+
+
+def padding_ranges(row: dict) -> dict:
+    """``summary``'s ranges from an ``evaluate`` row with ``padding_offsets``: [min, max] of the one-box and the
+    3D-box Dice over the default paddings and the moved ones (empty without offsets)."""
+    shifted = row.get("padding_offsets")
+    if not shifted:
+        return {}
+    ones = [row["dice"]] + [v["dice"] for v in shifted.values()]
+    boxes = [row["box3d_dice"]] + [v["box3d_dice"] for v in shifted.values()]
+    return {"one_box_padding_range": [min(ones), max(ones)], "box3d_padding_range": [min(boxes), max(boxes)]}
 
 
 def held_out_structures(labels: np.ndarray, names: dict[str, int], tuned: list[str]) -> dict[str, int]:
@@ -209,6 +240,8 @@ def main() -> None:
     parser.add_argument("--boxes", action="store_true", help="also three drawn boxes (boxes3_dice)")
     parser.add_argument("--samples", nargs="+", default=None, help="sample folders (or their prefix: ct, mr)")
     parser.add_argument("--structures", nargs="+", default=None, help="only these structures")
+    parser.add_argument("--padding-offsets", type=float, nargs="+", default=(), help="also one box and 3D box with "
+                        "the default policy's paddings moved by each of these px (padding_offsets)")
     args = parser.parse_args()
     report: dict = {"model": args.model, "strides": args.stride, "datasets": {}, "summary": []}
     held_rows: dict[int, list[dict]] = {stride: [] for stride in args.stride}
@@ -232,7 +265,8 @@ def main() -> None:
                 key = name if stride == 1 else f"{name}@stride{stride}"
                 rows = {}
                 for structure in structures:
-                    row = evaluate(session, labels, values[structure], quick=args.quick, boxes3=args.boxes)
+                    row = evaluate(session, labels, values[structure], quick=args.quick, boxes3=args.boxes,
+                                   padding_offsets=tuple(args.padding_offsets))
                     target = TARGETS.get((name, structure))
                     if target is not None and stride == 1:
                         row["target"] = target
@@ -244,6 +278,7 @@ def main() -> None:
                                                   "box3d_middle_seed": row["box3d_middle_seed_dice"],
                                                   "oracle": row["oracle_dice"],
                                                   **({"boxes3": row["boxes3_dice"]} if "boxes3_dice" in row else {}),
+                                                  **padding_ranges(row),
                                                   "outside": row["slices_outside_reference"]})
                         print(f"SUMMARY {report['summary'][-1]}", file=sys.stderr)
                     print(f"{key} {structure}: {row}", file=sys.stderr)
