@@ -947,6 +947,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
             extra = {"boxes": boxes or None, "bounds": bounds} if boxes or bounds is not None else {}
             result = run(axis, anchors, direction=args.direction, rules=rules, progress=update, cancel=cancel, **extra)
         elapsed = time.perf_counter() - t0
+        _report_seeds(result, boxes, bounds, axis)
         for stop in result.stops:
             way = "up" if stop.direction > 0 else "down"
             print(f"  from slice {stop.anchor} {way}: stopped after slice {stop.last_index} ({stop.reason.value})")
@@ -965,6 +966,20 @@ def cmd_propagate(args: argparse.Namespace) -> int:
                   "Ctrl-C; run again (or pass --no-partial to write nothing)", file=sys.stderr)
             return 130
     return 0
+
+
+def _report_seeds(result: Any, boxes: dict, bounds: Any, axis: int) -> None:
+    """Print each slice the run decoded from a box (``--box-at``, ``--box`` on ``--slice``, or the 3D box's
+    cross-section) with its area and the model's score; a 3D box alone seeds its middle slice, which can
+    miss a structure that is off-centre in the box (the score says how sure the model is there)."""
+    for index, outcome in sorted(result.outcomes.items()):
+        if outcome.direction != 0 or outcome.candidate != "box":
+            continue
+        where = ""
+        if bounds is not None and not boxes and index == bounds.middle(axis):
+            where = (" (the 3D box's middle slice; where the structure lies off-centre in the box, give --slice K on "
+                     "its largest cross-section)")
+        print(f"  seed: slice {index} from its box: {outcome.area} pixels, model score {outcome.score:.3f}{where}")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -153,14 +153,22 @@ def test_bad_box3d_options_are_refused_before_the_model_loads(crop, tmp_path, ca
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.slow  # loads the model, propagates over 5 slices
+@pytest.mark.slow  # loads the model twice, propagates over 5 slices
 def test_cli_box3d_writes_nothing_outside_the_box(crop, tmp_path, capsys):
     out = tmp_path / "m.nii.gz"
-    assert cli.main(["propagate", crop, "--box3d", "12", "24", "1", "37", "49", "3", "--out", str(out)]) == 0
+    box3d = ["--box3d", "12", "24", "1", "37", "49", "3"]
+    assert cli.main(["propagate", crop, *box3d, "--out", str(out)]) == 0
     mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out))).astype(bool)  # (K, J, I)
     inside = Box3D.from_ijk(12, 24, 1, 37, 49, 3).mask(mask.shape)
     assert mask[1:4].any(axis=(1, 2)).all() and not (mask & ~inside).any()
-    assert "end of the 3D box reached" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "end of the 3D box reached" in printed
+    # the seed is reported with the model's score, and a middle seed with how to choose another
+    seed = next(line for line in printed.splitlines() if "seed:" in line)
+    assert f"slice 2 from its box: {int(mask[2].sum())} pixels, model score" in seed and "--slice K" in seed
+    assert cli.main(["propagate", crop, *box3d, "--slice", "1", "--out", str(tmp_path / "s1.nii.gz")]) == 0
+    seeds = [line for line in capsys.readouterr().out.splitlines() if "seed:" in line]
+    assert len(seeds) == 1 and "slice 1 from its box" in seeds[0] and "middle" not in seeds[0]
 
 
 # ------------------------------------------------------------------ the shared samples (issue 15)
