@@ -972,10 +972,8 @@ def _report_seeds(result: Any, boxes: dict, bounds: Any, axis: int) -> None:
     """Print each slice the run decoded from a box (``--box-at``, ``--box`` on ``--slice``, or the 3D box's
     cross-section) with its area and the model's score; a 3D box alone seeds its middle slice, which can
     miss a structure that is off-centre in the box (the score says how sure the model is there)."""
-    for index, outcome in sorted(result.outcomes.items()):
-        if outcome.direction != 0 or outcome.candidate != "box":
-            continue
-        where = ""
+    for outcome in result.seeds():
+        index, where = outcome.index, ""
         if bounds is not None and not boxes and index == bounds.middle(axis):
             where = (" (the 3D box's middle slice; where the structure lies off-centre in the box, give --slice K on "
                      "its largest cross-section)")

@@ -75,6 +75,8 @@ class StopReason(str, Enum):
     CANCELLED = "cancelled"
 
 
+SEED_CANDIDATE = "box"  # SliceOutcome.candidate of a slice decoded from a drawn box or a 3D box's cross-section
+
 DIRECTIONS = {"both": (1, -1), "up": (1,), "down": (-1,), "+": (1,), "-": (-1,)}
 
 Decode = Callable[..., "Prediction"]  # (prompts, mask_input=None) -> Prediction on one slice
@@ -378,6 +380,11 @@ class PropagationResult:
                 idx[self.axis] = index
                 vol[tuple(idx)] = mask
         return vol
+
+    def seeds(self) -> list[SliceOutcome]:
+        """The slices this run decoded from a box (a drawn box, or a 3D box's cross-section) before it
+        propagated from them, in slice order: where it started, and how sure the model was there."""
+        return [o for _, o in sorted(self.outcomes.items()) if o.direction == 0 and o.candidate == SEED_CANDIDATE]
 
 
 class PropagatedSlice(NamedTuple):
@@ -744,7 +751,7 @@ class _Propagation:
             raise PromptError(f"The box on slice {index} gives an empty mask", "draw the box around the structure")
         self.anchors[index] = self.decided[index] = pred.mask
         self.anchor_logits.setdefault(index, pred.low_res_logits)
-        outcome = SliceOutcome(index, index, 0, pred.score, pred.area, 1.0, "box")
+        outcome = SliceOutcome(index, index, 0, pred.score, pred.area, 1.0, SEED_CANDIDATE)
         self.result.masks[index] = pred.mask
         self.result.outcomes[index] = outcome
         return PropagatedSlice(index, pred.mask, outcome)

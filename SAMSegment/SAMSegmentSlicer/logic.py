@@ -1257,7 +1257,8 @@ class SAMSegmentCore:
 
     @staticmethod
     def describe_job(job: PropagationJob) -> str:
-        """One line for the status bar: how many slices, and why each direction stopped."""
+        """One line for the status bar: how many slices, why each direction stopped, and where a 3D box's run
+        started (with the model's score there)."""
         if job.result is None:
             if job.interrupted is not None:
                 return (f"Propagation interrupted: {len(job.written)} slices written and kept. Press Propagate "
@@ -1267,7 +1268,14 @@ class SAMSegmentCore:
                           for s in job.result.stops)
         head = "Propagation cancelled" if job.result.cancelled else "Propagation done"
         resumed = f" (resumed {job.resumes}x after the server restarted)" if job.resumes else ""
-        return f"{head}{resumed}: {len(job.written)} slices written ({stops}). One Undo removes them all."
+        started = ""
+        for seed in job.result.seeds():  # a 3D box with an empty segment: the slice shown, else its middle
+            if job.boxes is not None and seed.index in job.boxes:
+                started += f" Started from the slice shown, {seed.index} (model score {seed.score:.2f})."
+            else:
+                started += (f" Started from the box's middle slice, {seed.index} (model score {seed.score:.2f}); if the "
+                            "structure lies off-centre in the box, Undo, show its largest slice and propagate again.")
+        return f"{head}{resumed}: {len(job.written)} slices written ({stops}).{started} One Undo removes them all."
 
     def server_status(self) -> str:
         """One line for the panel: where the engine runs and what it is doing."""

@@ -299,9 +299,13 @@ def test_the_box_roi_as_a_3d_box_prompt(world):
     inside[box["lo"][0]:box["hi"][0] + 1, box["lo"][1]:box["hi"][1] + 1, box["lo"][2]:box["hi"][2] + 1] = True
     assert not (written & ~inside).any()  # no voxel outside the box
     assert dice(written, truth & inside) > 0.85 and job.result is not None
+    middle = (lo_k + hi_k) // 2
+    assert f"Started from the box's middle slice, {middle} (model score" in core.describe_job(job)
     assert core.undo_edit() and np.array_equal(segment_array(seg, core.segment_id, volume), before)
     core.current_view = view = core.view_slice(node)  # the user is on this slice: it seeds, not the middle
     job = core.propagate("both", axis=0, within_roi=True)
     assert job.boxes is not None and list(job.boxes) == [view.index] and view.index in job.result.masks
+    described = core.describe_job(job)
+    assert f"Started from the slice shown, {view.index} (model score" in described and "middle" not in described
     written = segment_array(seg, core.segment_id, volume).astype(bool)
     assert not (written & ~inside).any() and dice(written, truth & inside) > 0.85
