@@ -22,8 +22,10 @@ the largest slice and on the slices at 20 % and 80 % of the structure's extent, 
 oracle-as-drawn columns. ``summary`` lists one box / 3D box / oracle per stride and structure.
 
 ``--padding-offsets -0.5 0.5`` adds ``padding_offsets``: one box and 3D box again with the default policy's
-tight and loose paddings both moved by each offset (px), and in ``summary`` the range of each over the
-offsets and the default: how much of a difference between two figures half a pixel of box already makes.
+tight and loose paddings both moved by each offset (px), and the oracle again with every reference box
+grown by the offset on each side (before the margin; a box the shrink would close stays as drawn); in
+``summary`` the range of each over the offsets and the default: how much of a difference between two
+figures half a pixel of box already makes, the oracle's own included.
 
 ``--held-out`` adds, at every stride given, every other labelled structure of the two samples that
 spans >= 4 slices and >= 100 px on its largest one: the default prompt policy against its loose
@@ -84,6 +86,21 @@ def shifted_policy(offset: float) -> PromptPolicy:
                                safe_padding=policy.safe_padding + offset)
 
 
+def oracle_volume(session: SegmentationSession, ref3: np.ndarray, grow: float = 0.0, as_drawn: bool = False) -> np.ndarray:
+    """The oracle: each slice of ``ref3`` (a reference mask, axis 0 first) decoded from its own reference
+    box, grown by ``grow`` px on each side (negative: shrunk; a box the shrink would narrow to under one
+    pixel is left as drawn), with the model's margin (``predict``), or as drawn (``as_drawn``: no margin)."""
+    out = np.zeros_like(ref3)
+    for i in np.nonzero(ref3.any(axis=(1, 2)))[0]:
+        drawn = mask_bbox(ref3[i]).astype(float)
+        grown = drawn + np.array([-grow, -grow, grow, grow])
+        if grown[2] - grown[0] < 1 or grown[3] - grown[1] < 1:
+            grown = drawn
+        ref, box = SliceRef(0, int(i)), Prompts(box=grown)
+        out[i] = (session.decode(ref, box) if as_drawn else session.predict(ref, box, refine=False)).mask
+    return out
+
+
 def evaluate(session: SegmentationSession, labels: np.ndarray, value: int, quick: bool = False,
              boxes3: bool = False, padding_offsets: tuple[float, ...] = ()) -> dict:
     ref3 = labels == value
@@ -126,15 +143,11 @@ def evaluate(session: SegmentationSession, labels: np.ndarray, value: int, quick
             one = propagate(session, 0, {k: anchor}, policy=policy).to_volume(labels.shape, {k: anchor})
             in_box = propagate(session, 0, boxes={k: bounds.plane_box(0)}, bounds=bounds, policy=policy)
             shifted[f"{offset:+g}px"] = {"dice": round(dice(one, ref3), 4),
-                                         "box3d_dice": round(dice(in_box.to_volume(labels.shape), ref3), 4)}
-    oracle, oracle_drawn = np.zeros_like(ref3), np.zeros_like(ref3)
-    for i in np.nonzero(ref3.any(axis=(1, 2)))[0]:
-        box = Prompts(box=mask_bbox(ref3[i]))
-        oracle[i] = session.predict(SliceRef(0, int(i)), box, refine=False).mask
-        if not quick:
-            oracle_drawn[i] = session.decode(SliceRef(0, int(i)), box).mask
+                                         "box3d_dice": round(dice(in_box.to_volume(labels.shape), ref3), 4),
+                                         "oracle_dice": round(dice(oracle_volume(session, ref3, offset), ref3), 4)}
+    oracle = oracle_volume(session, ref3)
     if not quick:
-        extra["oracle_dice_box_as_drawn"] = round(dice(oracle_drawn, ref3), 4)
+        extra["oracle_dice_box_as_drawn"] = round(dice(oracle_volume(session, ref3, as_drawn=True), ref3), 4)
     switched = sorted(i for i, o in result.outcomes.items() if "shrank" in o.candidate)
     return {"dice": round(dice(seg, ref3), 4), "anchor_stability": round(result.anchor_stability[k], 4),
             "tight_box_leads": result.anchor_stability[k] >= PromptPolicy.min_stable_area_ratio,
@@ -152,14 +165,16 @@ HELD_OUT_BOX3D_POLICIES = {"default": PromptPolicy(), "without_box_end_tip": Pro
 
 
 def padding_ranges(row: dict) -> dict:
-    """``summary``'s ranges from an ``evaluate`` row with ``padding_offsets``: [min, max] of the one-box and the
-    3D-box Dice over the default paddings and the moved ones (empty without offsets)."""
+    """``summary``'s ranges from an ``evaluate`` row with ``padding_offsets``: [min, max] of the one-box, the
+    3D-box and the oracle's Dice over the default paddings and the moved ones (empty without offsets)."""
     shifted = row.get("padding_offsets")
     if not shifted:
         return {}
-    ones = [row["dice"]] + [v["dice"] for v in shifted.values()]
-    boxes = [row["box3d_dice"]] + [v["box3d_dice"] for v in shifted.values()]
-    return {"one_box_padding_range": [min(ones), max(ones)], "box3d_padding_range": [min(boxes), max(boxes)]}
+    ranges = {}
+    for name, key in (("one_box", "dice"), ("box3d", "box3d_dice"), ("oracle", "oracle_dice")):
+        values = [row[key]] + [v[key] for v in shifted.values()]
+        ranges[f"{name}_padding_range"] = [min(values), max(values)]
+    return ranges
 
 
 def held_out_structures(labels: np.ndarray, names: dict[str, int], tuned: list[str]) -> dict[str, int]:
