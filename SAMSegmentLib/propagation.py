@@ -95,10 +95,10 @@ class PromptPolicy:
     box side)``), optionally with the previous logits as mask input; the closest to the previous
     mask (Dice) is kept. Masks are ``logits > mask_threshold``: at 0 a loose box leaves a rim of
     about a pixel that the next box carries forward, while high thresholds start the spiral.
-    The thresholds were tuned with ``bench/accuracy.py`` (figures in the README). ``trim_below``:
-    a mask whose pixels lie less than 80 % in the anchor mask's 5th-95th percentile intensities
-    keeps only those pixels (and, from 70 %, those inside the previous mask), so a leak into tissue
-    of other intensity does not feed the next box.
+    The thresholds were tuned with ``bench/accuracy.py`` (figures in the README and in
+    ``bench/thick_slices.md``). ``trim_below``: a mask whose pixels lie less than 80 % in the
+    anchor mask's 5th-95th percentile intensities keeps only those pixels (and, from 70 %, those
+    inside the previous mask), so a leak into tissue of other intensity does not feed the next box.
     """
 
     paddings: tuple[tuple[float, float], ...] | None = None  # None: tight where safe, else loose
