@@ -2,7 +2,7 @@
 every slice), printed as JSON.
 
 Usage: python bench/accuracy.py [--data ../shared/data] [--cache-dir DIR] [--held-out] [--stride 1 2 3] [--quick]
-       [--samples ct mr] [--structures liver spleen] [--boxes] [--padding-offsets -0.5 0.5]
+       [--samples ct mr] [--structures liver spleen] [--boxes] [--padding-offsets -0.5 0.5] [--per-slice]
 The box on the anchor slice is the reference mask's bounding box on the structure's largest
 axial slice (what a user would drag); everything after that uses only the model's own output.
 ``dice`` is the default path (``predict`` adds the model's box margin to that tight box);
@@ -26,6 +26,10 @@ tight and loose paddings both moved by each offset (px), and the oracle again wi
 grown by the offset on each side (before the margin; a box the shrink would close stays as drawn); in
 ``summary`` the range of each over the offsets and the default: how much of a difference between two
 figures half a pixel of box already makes, the oracle's own included.
+
+``--per-slice`` adds ``per_slice``: for every slice that the reference, one box, the 3D box or the oracle
+covers, the reference's area and each one's area, Dice on that slice and (one box, 3D box) the prompt that
+decided it: where on the structure a difference between two volume figures comes from.
 
 ``--held-out`` adds, at every stride given, every other labelled structure of the two samples that
 spans >= 4 slices and >= 100 px on its largest one: the default prompt policy against its loose
@@ -101,8 +105,25 @@ def oracle_volume(session: SegmentationSession, ref3: np.ndarray, grow: float = 
     return out
 
 
+def per_slice(ref3: np.ndarray, volumes: dict[str, np.ndarray], decided_by: dict[str, dict[int, str]]) -> list[dict]:
+    """One entry per slice that ``ref3`` or any of ``volumes`` covers: the slice, the reference's area and,
+    per volume name, [area, Dice on that slice] and the prompt that decided the slice (``decided_by[name]``,
+    slice -> candidate name) where it has one."""
+    rows = []
+    for i in range(ref3.shape[0]):
+        if not (ref3[i].any() or any(v[i].any() for v in volumes.values())):
+            continue
+        row: dict = {"slice": i, "reference": int(np.count_nonzero(ref3[i]))}
+        for name, volume in volumes.items():
+            row[name] = [int(np.count_nonzero(volume[i])), round(dice(volume[i], ref3[i]), 3)]
+            if i in decided_by.get(name, {}):
+                row[name].append(decided_by[name][i])
+        rows.append(row)
+    return rows
+
+
 def evaluate(session: SegmentationSession, labels: np.ndarray, value: int, quick: bool = False,
-             boxes3: bool = False, padding_offsets: tuple[float, ...] = ()) -> dict:
+             boxes3: bool = False, padding_offsets: tuple[float, ...] = (), slices: bool = False) -> dict:
     ref3 = labels == value
     if not ref3.any():
         return {"absent": True}
@@ -148,6 +169,10 @@ def evaluate(session: SegmentationSession, labels: np.ndarray, value: int, quick
     oracle = oracle_volume(session, ref3)
     if not quick:
         extra["oracle_dice_box_as_drawn"] = round(dice(oracle_volume(session, ref3, as_drawn=True), ref3), 4)
+    if slices:
+        decided_by = {"one_box": {k: "anchor", **{i: o.candidate for i, o in result.outcomes.items()}},
+                      "box3d": {i: o.candidate for i, o in box3d.outcomes.items()}}
+        extra["per_slice"] = per_slice(ref3, {"one_box": seg, "box3d": seg3, "oracle": oracle}, decided_by)
     switched = sorted(i for i, o in result.outcomes.items() if "shrank" in o.candidate)
     return {"dice": round(dice(seg, ref3), 4), "anchor_stability": round(result.anchor_stability[k], 4),
             "tight_box_leads": result.anchor_stability[k] >= PromptPolicy.min_stable_area_ratio,
@@ -257,6 +282,8 @@ def main() -> None:
     parser.add_argument("--structures", nargs="+", default=None, help="only these structures")
     parser.add_argument("--padding-offsets", type=float, nargs="+", default=(), help="also one box and 3D box with "
                         "the default policy's paddings moved by each of these px (padding_offsets)")
+    parser.add_argument("--per-slice", action="store_true", help="also per_slice: every slice's area and Dice "
+                        "(one box, 3D box, oracle) and the prompt that decided it")
     args = parser.parse_args()
     report: dict = {"model": args.model, "strides": args.stride, "datasets": {}, "summary": []}
     held_rows: dict[int, list[dict]] = {stride: [] for stride in args.stride}
@@ -281,7 +308,7 @@ def main() -> None:
                 rows = {}
                 for structure in structures:
                     row = evaluate(session, labels, values[structure], quick=args.quick, boxes3=args.boxes,
-                                   padding_offsets=tuple(args.padding_offsets))
+                                   padding_offsets=tuple(args.padding_offsets), slices=args.per_slice)
                     target = TARGETS.get((name, structure))
                     if target is not None and stride == 1:
                         row["target"] = target
