@@ -281,7 +281,8 @@ def main() -> None:
     parser.add_argument("--samples", nargs="+", default=None, help="sample folders (or their prefix: ct, mr)")
     parser.add_argument("--structures", nargs="+", default=None, help="only these structures")
     parser.add_argument("--padding-offsets", type=float, nargs="+", default=(), help="also one box and 3D box with "
-                        "the default policy's paddings moved by each of these px (padding_offsets)")
+                        "the default policy's paddings moved by each of these px, and the oracle with every reference "
+                        "box grown by them (padding_offsets)")
     parser.add_argument("--per-slice", action="store_true", help="also per_slice: every slice's area and Dice "
                         "(one box, 3D box, oracle) and the prompt that decided it")
     args = parser.parse_args()
